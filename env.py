@@ -1,0 +1,295 @@
+"""Vectorized kinematic multi-agent simulator: the self-play world of SPACeR.
+
+B worlds of up to A agents are held as flat tensors and advanced together, 0.1 s per step,
+with no Python loop over worlds or agents, on CPU or CUDA. An episode starts from the log at
+step 10 (history replayed) and runs the 80 future steps; agents that are not controlled replay
+their log.
+
+Action modes
+- token (default): an action is a motion-token id per agent; the token's `steps_per_token`
+  poses (local x, y, yaw in the agent's frame) are executed one 0.1 s step at a time, so the
+  motion executed is *exactly* the token chosen. This is what makes the reference model's
+  likelihood `log p_ref(a_t | s_t)` of the executed action exact (SPACeR Eq. 1, 3).
+- bicycle: a kinematic bicycle (GPUDrive "classic") driven by an id into an
+  acceleration x steering grid, one id per 0.1 s.
+- continuous: the same bicycle with (accel, steer) given directly: how the toy human driver acts.
+
+Events and reward (SPACeR's task reward)
+    r_task = w_goal * 1[goal reached, first time] - w_coll * 1[collided] - w_off * 1[off-road]
+summed over the 0.1 s steps of one action. Collision and off-road use exactly the rounded-box
+distance and the signed road-edge distance that `wosac_metrics.py` scores (imported from there),
+so what the policy is penalised for is what the metric counts. Agents keep being simulated after
+an event, so every rollout has 80 steps.
+
+Speed: the road-edge check and the road observation do not look at every map segment for every
+agent at every step. Each agent keeps a small pool of nearby segments, refreshed every
+`refresh_every` steps (an agent at 25 m/s moves 12.5 m in 0.5 s, far less than the pool radius).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scenes import DT, NOW, T, MAP_TYPES, ROAD_EDGE, Scenes, wrap_angle
+import wosac_metrics as wm
+
+
+# --------------------------------------------------------------------------------------------
+# Dynamics
+# --------------------------------------------------------------------------------------------
+def bicycle_step(pos, yaw, speed, accel, steer, length, dt: float = DT):
+    """Kinematic bicycle with the centre of mass at mid-length (GPUDrive's "classic" model).
+
+    v_bar = v + a dt / 2;  beta = atan(tan(delta) / 2)
+    x += v_bar cos(yaw + beta) dt;  y += v_bar sin(yaw + beta) dt
+    yaw += v_bar cos(beta) tan(delta) / L dt;  v = max(v + a dt, 0)   (no reversing)
+    pos [..., 2], yaw/speed/accel/steer/length [...] -> (pos [..., 2], yaw [...], speed [...])
+    """
+    v_bar = (speed + 0.5 * accel * dt).clamp(min=0.0)          # [...]
+    beta = torch.atan(0.5 * torch.tan(steer))                  # [...]
+    heading = yaw + beta                                       # [...]
+    step = torch.stack([torch.cos(heading), torch.sin(heading)], -1) * (v_bar * dt).unsqueeze(-1)  # [..., 2]
+    new_yaw = yaw + v_bar * torch.cos(beta) * torch.tan(steer) / length.clamp(min=0.5) * dt      # [...]
+    return pos + step, wrap_angle(new_yaw), (speed + accel * dt).clamp(min=0.0)
+
+
+def apply_local(pose, local):
+    """Compose a start pose with local offsets: pose [..., 3] (x, y, yaw), local [..., P, 3]
+    -> global [..., P, 3]. The tokenizer decodes with the same rule, so executing a token here
+    reproduces its decoded poses to float precision."""
+    c, s = torch.cos(pose[..., 2:3]), torch.sin(pose[..., 2:3])                   # [..., 1]
+    x = pose[..., 0:1] + c * local[..., 0] - s * local[..., 1]                       # [..., P]
+    y = pose[..., 1:2] + s * local[..., 0] + c * local[..., 1]                       # [..., P]
+    return torch.stack([x, y, wrap_angle(pose[..., 2:3] + local[..., 2])], -1)      # [..., P, 3]
+
+
+def to_ego(xy, origin, yaw):
+    """Points xy [..., P, 2] into the frame at origin [..., 2] with heading yaw [...]."""
+    d = xy - origin.unsqueeze(-2)                                                    # [..., P, 2]
+    c, s = torch.cos(yaw).unsqueeze(-1), torch.sin(yaw).unsqueeze(-1)               # [..., 1]
+    return torch.stack([c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1]], -1)  # [..., P, 2]
+
+
+def gather_agents(x, idx):
+    """x [B, E, ...] indexed per agent by idx [B, A, C] -> [B, A, C, ...]."""
+    b = torch.arange(x.shape[0], device=x.device).view(-1, 1, 1)                    # [B, 1, 1]
+    return x[b, idx]
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EnvConfig:
+    mode: str = "token"          # token | bicycle | continuous
+    w_goal: float = 1.0          # reward for reaching the goal (once)
+    w_coll: float = 0.75         # penalty per step in collision
+    w_off: float = 0.75          # penalty per step off-road
+    goal_radius: float = 2.0     # m, goal reached within this distance
+    obs_radius: float = 50.0     # m, partners and road points beyond are not observed
+    n_partners: int = 16         # nearest partners in the observation
+    n_road: int = 64             # nearest road segments in the observation
+    n_edge_pool: int = 48        # nearest road-edge segments kept per agent for off-road checks
+    n_road_pool: int = 192       # nearest map segments kept per agent for the road observation
+    refresh_every: int = 5       # steps between refreshes of those pools
+    accel_grid: tuple = (-4.0, -2.67, -1.33, 0.0, 1.33, 2.67, 4.0)   # m/s^2, bicycle mode
+    steer_grid: tuple = tuple(round(-0.5 + i / 12, 4) for i in range(13))  # rad, |delta| <= 0.5
+
+
+EGO_DIM = 12        # speed, length, width, type one-hot (3), goal x, goal y, goal dist, collided, offroad, reached
+PARTNER_DIM = 11    # rel x, rel y, cos dyaw, sin dyaw, rel vx, rel vy, length, width, type one-hot (3)
+ROAD_DIM = 4 + 1 + len(MAP_TYPES)  # mid x, mid y, cos, sin, length, type one-hot
+
+
+class MultiAgentEnv:
+    """B worlds x A agents. `reset()` -> obs; `step(actions)` -> (obs, reward [B, A], info)."""
+
+    def __init__(self, scenes: Scenes, cfg: EnvConfig = EnvConfig(), token_table=None, steps_per_token: int = 1):
+        if cfg.mode not in ("token", "bicycle", "continuous"):
+            raise ValueError(f"EnvConfig.mode must be token, bicycle or continuous, got {cfg.mode!r}")
+        if cfg.mode == "token" and token_table is None:
+            raise ValueError("token mode needs token_table [3, K, steps_per_token, 3] (tokenizer.table)")
+        self.s, self.cfg = scenes, cfg
+        self.device = scenes.device
+        self.B, self.A = scenes.pos.shape[:2]
+        if token_table is not None:
+            self.table = token_table.to(self.device)                   # [3, K, spt, 3]
+            self.spt = token_table.shape[2]
+        else:
+            self.table, self.spt = None, 1
+        self.accel_grid = torch.tensor(cfg.accel_grid, device=self.device)  # [Na]
+        self.steer_grid = torch.tensor(cfg.steer_grid, device=self.device)  # [Ns]
+        self.edges = wm.road_edge_table(scenes)                         # [B, E, ...] per field
+        mid = 0.5 * (scenes.seg_start[..., :2] + scenes.seg_end[..., :2])      # [B, S, 2]
+        self.seg_mid = torch.where(scenes.seg_valid.unsqueeze(-1), mid, torch.full_like(mid, 1e6))  # [B, S, 2]
+        d = scenes.seg_end[..., :2] - scenes.seg_start[..., :2]         # [B, S, 2]
+        self.seg_len = d.norm(dim=-1)                                   # [B, S]
+        self.seg_dir = d / self.seg_len.clamp(min=1e-6).unsqueeze(-1)   # [B, S, 2]
+        emid = 0.5 * (self.edges["a"][..., :2] + self.edges["b"][..., :2])     # [B, E, 2]
+        self.edge_mid = torch.where(self.edges["valid"].unsqueeze(-1), emid, torch.full_like(emid, 1e6))  # [B, E, 2]
+
+    # ---- episode start ---------------------------------------------------------------------
+    def reset(self, start_step: int = NOW):
+        s = self.s
+        self.t = start_step
+        self.controlled = s.controlled.clone()                               # [B, A]
+        self.traj_pos = s.pos.clone()                                        # [B, A, T, 2]
+        self.traj_yaw = s.yaw.clone()                                        # [B, A, T]
+        self.traj_valid = s.valid.clone()                                    # [B, A, T]
+        ctrl_future = self.controlled.unsqueeze(-1) & (torch.arange(T, device=self.device) > start_step)  # [B, A, T]
+        self.traj_valid = torch.where(ctrl_future, True, self.traj_valid)   # controlled agents live to the end
+        self.pos = s.pos[:, :, start_step].clone()                           # [B, A, 2]
+        self.yaw = s.yaw[:, :, start_step].clone()                           # [B, A]
+        self.z = s.z[:, :, start_step].clone()                               # [B, A]
+        self.speed = s.vel[:, :, start_step].norm(dim=-1)                    # [B, A]
+        self.vel = s.vel[:, :, start_step].clone()                           # [B, A, 2]
+        self.active = s.valid[:, :, start_step].clone()                      # [B, A]
+        self.goal_reached = torch.zeros_like(self.active)                    # [B, A]
+        self.collided = torch.zeros_like(self.active)                        # [B, A] at the last step
+        self.offroad = torch.zeros_like(self.active)                         # [B, A] at the last step
+        self.ever_collided = torch.zeros_like(self.active)                   # [B, A]
+        self.ever_offroad = torch.zeros_like(self.active)                    # [B, A]
+        self._refresh_pools()
+        self._events()
+        return self.observe()
+
+    # ---- one action ------------------------------------------------------------------------
+    def step(self, actions):
+        """token mode: actions [B, A] ids, advances steps_per_token steps; bicycle: [B, A] ids
+        into the accel x steer grid; continuous: [B, A, 2] (accel, steer). Returns
+        (obs, reward [B, A], info) with the reward summed over the steps taken."""
+        if self.t + self.spt > T - 1:
+            raise RuntimeError(f"episode over: t={self.t}, no room for {self.spt} more steps")
+        L = self.s.size[..., 0]                                              # [B, A]
+        if self.cfg.mode == "token":
+            local = self.table[self.s.agent_type, actions.long()]           # [B, A, spt, 3]
+            pose = torch.cat([self.pos, self.yaw.unsqueeze(-1)], -1)         # [B, A, 3]
+            poses = apply_local(pose, local)                                 # [B, A, spt, 3]
+        reward = torch.zeros(self.B, self.A, device=self.device)             # [B, A]
+        for k in range(self.spt):
+            if self.cfg.mode == "token":
+                new_pos, new_yaw = poses[:, :, k, :2], poses[:, :, k, 2]     # [B, A, 2], [B, A]
+            else:
+                if self.cfg.mode == "bicycle":
+                    n_steer = self.steer_grid.numel()
+                    accel = self.accel_grid[actions.long() // n_steer]       # [B, A]
+                    steer = self.steer_grid[actions.long() % n_steer]        # [B, A]
+                else:
+                    accel, steer = actions[..., 0], actions[..., 1]          # [B, A]
+                new_pos, new_yaw, new_speed = bicycle_step(self.pos, self.yaw, self.speed, accel, steer, L)
+            reward = reward + self._advance(new_pos, new_yaw, None if self.cfg.mode == "token" else new_speed)
+        info = dict(collided=self.collided, offroad=self.offroad, goal_reached=self.goal_reached,
+                    done=self.t >= T - 1)
+        return self.observe(), reward, info
+
+    def _advance(self, new_pos, new_yaw, new_speed=None):
+        """Move controlled agents to their new pose, replay the log for the others, score events.
+        new_speed: the bicycle's speed state; in token mode speed is the displacement rate."""
+        t = self.t + 1
+        s, ctrl = self.s, self.controlled
+        log_pos, log_yaw = s.pos[:, :, t], s.yaw[:, :, t]                    # [B, A, 2], [B, A]
+        pos = torch.where(ctrl.unsqueeze(-1), new_pos, log_pos)              # [B, A, 2]
+        self.vel = (pos - self.pos) / DT                                     # [B, A, 2]
+        self.speed = self.vel.norm(dim=-1)                                   # [B, A]
+        if new_speed is not None:
+            self.speed = torch.where(ctrl, new_speed, self.speed)
+        self.z = torch.where(ctrl, self.z, s.z[:, :, t])                     # [B, A]
+        self.pos, self.yaw, self.t = pos, torch.where(ctrl, new_yaw, log_yaw), t
+        self.active = ctrl | s.valid[:, :, t]                                # [B, A]
+        self.traj_pos[:, :, t] = self.pos
+        self.traj_yaw[:, :, t] = self.yaw
+        if self.t % self.cfg.refresh_every == 0:
+            self._refresh_pools()
+        newly = self._events()
+        cfg = self.cfg
+        r = cfg.w_goal * newly.float() - cfg.w_coll * self.collided.float() - cfg.w_off * self.offroad.float()  # [B, A]
+        return torch.where(ctrl, r, torch.zeros_like(r))
+
+    # ---- events ----------------------------------------------------------------------------
+    def _events(self):
+        """Collision, off-road and goal flags at the current step; returns newly reached goals."""
+        s, act = self.s, self.active
+        d_obj = wm.object_distance_matrix(self.pos, self.yaw, s.size[..., 0], s.size[..., 1], act)  # [B, A, A]
+        self.collided = (d_obj.min(dim=-1).values < 0.0) & act               # [B, A]
+        edges = {k: gather_agents(v, self.edge_idx) for k, v in self.edges.items()}  # [B, A, C, ...]
+        d_road = wm.box_road_edge_distance(self.pos, self.z, self.yaw, s.size, edges)  # [B, A]
+        self.offroad = (d_road > 0.0) & act                                  # [B, A]
+        self.ever_collided |= self.collided
+        self.ever_offroad |= self.offroad
+        reached = ((self.pos - s.goal).norm(dim=-1) < self.cfg.goal_radius) & act  # [B, A]
+        newly = reached & ~self.goal_reached                                 # [B, A]
+        self.goal_reached |= reached
+        return newly
+
+    def _refresh_pools(self):
+        """Nearest road-edge segments (off-road checks) and map segments (observations) per agent."""
+        n_e = min(self.cfg.n_edge_pool, self.edge_mid.shape[1])
+        d_e = torch.cdist(self.pos, self.edge_mid)                           # [B, A, E]
+        self.edge_idx = d_e.topk(n_e, dim=-1, largest=False).indices         # [B, A, C]
+        n_r = min(self.cfg.n_road_pool, self.seg_mid.shape[1])
+        d_r = torch.cdist(self.pos, self.seg_mid)                            # [B, A, S]
+        self.road_idx = d_r.topk(n_r, dim=-1, largest=False).indices         # [B, A, C]
+
+    # ---- observations ----------------------------------------------------------------------
+    def observe(self):
+        """Ego-centric, normalised observations for a decentralized policy (no history).
+
+        ego [B, A, EGO_DIM]; partners [B, A, n_partners, PARTNER_DIM] + mask; road
+        [B, A, n_road, ROAD_DIM] + mask. Everything is in the agent's own frame.
+        """
+        s, cfg = self.s, self.cfg
+        B, A = self.B, self.A
+        goal_ego = to_ego(s.goal.unsqueeze(-2), self.pos, self.yaw).squeeze(-2)   # [B, A, 2]
+        goal_dist = goal_ego.norm(dim=-1, keepdim=True)                           # [B, A, 1]
+        goal_ego = goal_ego / goal_dist.clamp(min=1.0) * goal_dist.clamp(max=100.0) / 100.0  # [B, A, 2]
+        type1h = torch.nn.functional.one_hot(s.agent_type, 3).float()             # [B, A, 3]
+        ego = torch.cat([self.speed.unsqueeze(-1) / 30.0, s.size[..., :2] / torch.tensor([10.0, 5.0], device=self.device),
+                         type1h, goal_ego, goal_dist.clamp(max=100.0) / 100.0,
+                         self.collided.unsqueeze(-1).float(), self.offroad.unsqueeze(-1).float(),
+                         self.goal_reached.unsqueeze(-1).float()], -1)            # [B, A, EGO_DIM]
+
+        # partners: nearest active agents within obs_radius
+        dist = torch.cdist(self.pos, self.pos)                                    # [B, A, A]
+        ok = self.active.unsqueeze(1) & self.active.unsqueeze(2) & (dist < cfg.obs_radius)  # [B, A, A]
+        ok &= ~torch.eye(A, dtype=torch.bool, device=self.device)
+        n_p = min(cfg.n_partners, A)
+        d_sel, j = torch.where(ok, dist, torch.full_like(dist, 1e9)).topk(n_p, dim=-1, largest=False)  # [B, A, P]
+        p_mask = d_sel < 1e8                                                      # [B, A, P]
+        bidx = torch.arange(B, device=self.device).view(B, 1, 1)                  # [B, 1, 1]
+        rel = to_ego(self.pos[bidx, j], self.pos, self.yaw)                       # [B, A, P, 2]
+        dyaw = self.yaw[bidx, j] - self.yaw.unsqueeze(-1)                         # [B, A, P]
+        rel_v = to_ego(self.vel[bidx, j], torch.zeros_like(self.pos), self.yaw) - to_ego(
+            self.vel.unsqueeze(-2), torch.zeros_like(self.pos), self.yaw)          # [B, A, P, 2]
+        partners = torch.cat([rel / cfg.obs_radius, torch.cos(dyaw).unsqueeze(-1), torch.sin(dyaw).unsqueeze(-1),
+                              rel_v / 30.0, s.size[bidx, j, :2] / torch.tensor([10.0, 5.0], device=self.device),
+                              torch.nn.functional.one_hot(s.agent_type[bidx, j], 3).float()], -1)  # [B, A, P, PARTNER_DIM]
+        partners = partners * p_mask.unsqueeze(-1)
+        pad = cfg.n_partners - n_p   # fixed width, whatever A is, so one policy fits every scene
+        partners = torch.nn.functional.pad(partners, (0, 0, 0, pad))           # [B, A, n_partners, PARTNER_DIM]
+        p_mask = torch.nn.functional.pad(p_mask, (0, pad))                     # [B, A, n_partners]
+
+        # road: nearest map segments within obs_radius, chosen from the per-agent pool
+        mid = gather_agents(self.seg_mid, self.road_idx)                          # [B, A, C, 2]
+        rel_mid = to_ego(mid, self.pos, self.yaw)                                 # [B, A, C, 2]
+        d_mid = rel_mid.norm(dim=-1)                                              # [B, A, C]
+        n_r = min(cfg.n_road, d_mid.shape[-1])
+        d_sel, c = d_mid.topk(n_r, dim=-1, largest=False)                         # [B, A, R]
+        r_mask = d_sel < cfg.obs_radius                                           # [B, A, R]
+        seg = torch.gather(self.road_idx, 2, c)                                   # [B, A, R]
+        rel_mid = torch.gather(rel_mid, 2, c.unsqueeze(-1).expand(-1, -1, -1, 2))  # [B, A, R, 2]
+        dir_ego = to_ego(self.seg_dir[bidx, seg], torch.zeros_like(self.pos), self.yaw)  # [B, A, R, 2]
+        road = torch.cat([rel_mid / cfg.obs_radius, dir_ego, self.seg_len[bidx, seg].unsqueeze(-1) / 10.0,
+                          torch.nn.functional.one_hot(s.seg_type[bidx, seg], len(MAP_TYPES)).float()], -1)  # [B, A, R, ROAD_DIM]
+        road = road * r_mask.unsqueeze(-1)
+        pad = cfg.n_road - n_r
+        road = torch.nn.functional.pad(road, (0, 0, 0, pad))                   # [B, A, n_road, ROAD_DIM]
+        r_mask = torch.nn.functional.pad(r_mask, (0, pad))                     # [B, A, n_road]
+        return dict(ego=ego, partners=partners, partner_mask=p_mask, road=road, road_mask=r_mask)
+
+    # ---- what the metrics need ---------------------------------------------------------------
+    def rollout_future(self):
+        """The executed future for wosac_metrics.score_rollouts: pos [B, A, 80, 2], z [B, A, 80], yaw [B, A, 80].
+        z is frozen at its step-10 value (the toy world is flat; WOSAC only uses z for ADE)."""
+        z = self.s.z[:, :, NOW:NOW + 1].expand(-1, -1, T - NOW - 1)               # [B, A, 80]
+        return self.traj_pos[:, :, NOW + 1:], z, self.traj_yaw[:, :, NOW + 1:]

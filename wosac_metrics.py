@@ -112,6 +112,11 @@ def _compact(mask: torch.Tensor, at_least: int = 0):
     return idx, mask.gather(1, idx)
 
 
+def _pick(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx] for x [E, *F] and any-shaped idx, via index_select (much faster than x[idx] on CPU)."""
+    return x.index_select(0, idx.reshape(-1)).view(*idx.shape, *x.shape[1:])
+
+
 def _cross(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """2D cross product u.x v.y - u.y v.x over the last dim (first two components)."""
     return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
@@ -149,8 +154,8 @@ def box_corners(pos, yaw, length, width):
 
 def _point_to_rect(px, py, half_l, half_w):
     """Distance from a point to a filled axis-aligned rectangle centred at 0 (0 inside)."""
-    dx = (px.abs() - half_l).clamp(min=0.0)
-    dy = (py.abs() - half_w).clamp(min=0.0)
+    dx = (px.abs() - half_l).clamp(min=0.0)                              # [...]
+    dy = (py.abs() - half_w).clamp(min=0.0)                              # [...]
     return torch.sqrt(dx * dx + dy * dy)
 
 
@@ -161,31 +166,31 @@ def _rounded_box_distance(x, y, cos_d, sin_d, len_i, wid_i, len_j, wid_j):
     sd(origin, core_i (+) -core_j) equals, for overlapping cores, the largest separating-axis gap
     over the four edge normals (<= 0, minus the penetration depth), and for disjoint cores the
     distance between the two rectangles, reached at a corner of one of them."""
-    r_i = 0.5 * CORNER_ROUNDING * torch.minimum(len_i, wid_i)             # rounding radii s_i, s_j
-    r_j = 0.5 * CORNER_ROUNDING * torch.minimum(len_j, wid_j)
-    li, wi = 0.5 * len_i - r_i, 0.5 * wid_i - r_i                         # core half extents
-    lj, wj = 0.5 * len_j - r_j, 0.5 * wid_j - r_j
-    ac, as_ = cos_d.abs(), sin_d.abs()
-    xj = x * cos_d + y * sin_d                                            # offset in box j's frame
-    yj = -x * sin_d + y * cos_d
-    gap = torch.maximum(
+    r_i = 0.5 * CORNER_ROUNDING * torch.minimum(len_i, wid_i)             # [...] rounding radius s_i
+    r_j = 0.5 * CORNER_ROUNDING * torch.minimum(len_j, wid_j)             # [...] rounding radius s_j
+    li, wi = 0.5 * len_i - r_i, 0.5 * wid_i - r_i                         # [...] core half extents
+    lj, wj = 0.5 * len_j - r_j, 0.5 * wid_j - r_j                         # [...]
+    ac, as_ = cos_d.abs(), sin_d.abs()                                    # [...]
+    xj = x * cos_d + y * sin_d                                            # [...] offset in box j's frame
+    yj = -x * sin_d + y * cos_d                                           # [...]
+    gap = torch.maximum(                                                  # [...] largest axis gap
         torch.maximum(x.abs() - li - (lj * ac + wj * as_), y.abs() - wi - (lj * as_ + wj * ac)),
         torch.maximum(xj.abs() - lj - (li * ac + wi * as_), yj.abs() - wj - (li * as_ + wi * ac)))
     vertex = None
     for s1, s2 in ((1.0, 1.0), (1.0, -1.0), (-1.0, 1.0), (-1.0, -1.0)):
         # a corner of core j in i's frame, and a corner of core i in j's frame
-        dj = _point_to_rect(x + s1 * lj * cos_d - s2 * wj * sin_d, y + s1 * lj * sin_d + s2 * wj * cos_d, li, wi)
-        di = _point_to_rect(xj + s1 * li * cos_d + s2 * wi * sin_d, yj - s1 * li * sin_d + s2 * wi * cos_d, lj, wj)
-        d = torch.minimum(dj, di)
-        vertex = d if vertex is None else torch.minimum(vertex, d)
+        dj = _point_to_rect(x + s1 * lj * cos_d - s2 * wj * sin_d, y + s1 * lj * sin_d + s2 * wj * cos_d, li, wi)  # [...]
+        di = _point_to_rect(xj + s1 * li * cos_d + s2 * wi * sin_d, yj - s1 * li * sin_d + s2 * wi * cos_d, lj, wj)  # [...]
+        d = torch.minimum(dj, di)                                         # [...]
+        vertex = d if vertex is None else torch.minimum(vertex, d)        # [...]
     return torch.where(gap > 0, vertex, gap) - r_i - r_j
 
 
 def _relative_pose(pos_i, yaw_i, pos_j, yaw_j):
     """Box j seen from box i: centre (x, y) in i's frame and (cos, sin) of h_j - h_i. Broadcasts."""
-    ci, si = torch.cos(yaw_i), torch.sin(yaw_i)
-    cj, sj = torch.cos(yaw_j), torch.sin(yaw_j)
-    dx, dy = pos_j[..., 0] - pos_i[..., 0], pos_j[..., 1] - pos_i[..., 1]
+    ci, si = torch.cos(yaw_i), torch.sin(yaw_i)                           # [...] per box i
+    cj, sj = torch.cos(yaw_j), torch.sin(yaw_j)                           # [...] per box j
+    dx, dy = pos_j[..., 0] - pos_i[..., 0], pos_j[..., 1] - pos_i[..., 1]  # [...] per pair
     x, y = dx * ci + dy * si, -dx * si + dy * ci                          # rotation by -h_i
     return x, y, cj * ci + sj * si, sj * ci - cj * si
 
@@ -251,9 +256,9 @@ def _signed_value(q, f: dict):
     d_prev, d_next = f["prev_b"] - f["prev_a"], f["next_b"] - f["next_a"]  # [..., 3]
     n_prev = torch.sign(_cross(q - f["prev_a"], d_prev))                  # [...]
     n_next = torch.sign(_cross(q - f["next_a"], d_next))                  # [...]
-    before = torch.where(_cross(d_prev, ab) > 0, torch.maximum(n, n_prev), torch.minimum(n, n_prev))
-    after = torch.where(_cross(ab, d_next) > 0, torch.maximum(n, n_next), torch.minimum(n, n_next))
-    sign = torch.where((rel_t < 0) & f["prev_ok"], before, torch.where((rel_t > 1) & f["next_ok"], after, n))
+    before = torch.where(_cross(d_prev, ab) > 0, torch.maximum(n, n_prev), torch.minimum(n, n_prev))  # [...]
+    after = torch.where(_cross(ab, d_next) > 0, torch.maximum(n, n_next), torch.minimum(n, n_next))  # [...]
+    sign = torch.where((rel_t < 0) & f["prev_ok"], before, torch.where((rel_t > 1) & f["next_ok"], after, n))  # [...]
     return sign * dist2d
 
 
@@ -265,7 +270,7 @@ def signed_distance_to_edges(points, edges: dict):
     which score_rollouts does, naming the scene."""
     a, b, ok = edges["a"], edges["b"], edges["valid"]
     d = _selection_sq_distance(points.unsqueeze(-2), a.unsqueeze(-3), b.unsqueeze(-3))  # [..., Q, E]
-    d = torch.where(ok.unsqueeze(-2), d, torch.full_like(d, math.inf))
+    d = torch.where(ok.unsqueeze(-2), d, torch.full_like(d, math.inf))    # [..., Q, E]
     if d.shape[-1] == 0:
         return torch.full(d.shape[:-1], -BIG, dtype=points.dtype, device=points.device)
     best = d.argmin(dim=-1)                                               # [..., Q]
@@ -323,7 +328,8 @@ def _segment_spheres(hull_a, hull_b, ok, chained, G: int):
     ends = torch.cat([hull_a, hull_b], dim=1)                             # [B, 2E, 3]
     gid2 = torch.cat([gid, gid], dim=1)                                   # [B, 2E]
     count = torch.zeros(B, Gn, device=ok.device).scatter_add_(1, gid2, torch.ones_like(gid2, dtype=ends.dtype))  # [B, Gn]
-    centre = torch.zeros(B, Gn, 3, device=ok.device).scatter_add_(1, gid2.unsqueeze(-1).expand(-1, -1, 3), ends)
+    centre = torch.zeros(B, Gn, 3, device=ok.device)                      # [B, Gn, 3]
+    centre.scatter_add_(1, gid2.unsqueeze(-1).expand(-1, -1, 3), ends)
     centre = centre / count.clamp(min=1.0).unsqueeze(-1)                  # [B, Gn, 3]
     spread = (ends - _rows(centre, gid2)).norm(dim=-1)                    # [B, 2E]
     radius = torch.zeros(B, Gn, device=ok.device).scatter_reduce_(1, gid2, spread, "amax")  # [B, Gn]
@@ -357,14 +363,14 @@ def _nearest_segments(q, a, b, ok, buggy: bool = False, G: int = EDGE_GROUP):
         return idx_out.view(B, N, P)
     chained = torch.zeros_like(ok)                                        # [B, E]
     chained[:, 1:] = (a[:, 1:] == b[:, :-1]).all(-1) & ok[:, 1:] & ok[:, :-1]
-    hull_a, hull_b = (2 * a - b, a) if buggy else (a, b)
+    hull_a, hull_b = (2 * a - b, a) if buggy else (a, b)                  # [B, E, 3] the segments H
     centre, radius, first, n_seg = _segment_spheres(hull_a, hull_b, ok, chained, G)  # [B, Gn, ...]
     Gn, sign = centre.shape[1], (1.0 if buggy else -1.0)
     g_ok = n_seg > 0                                                      # [B, Gn]
     ab = (b - a).flatten(0, 1)                                            # [B E, 3] flat over scenes, so
     len2 = ab[:, 0] ** 2 + ab[:, 1] ** 2                                  # [B E]   rows of any scene batch
-    inv_len2 = torch.where(len2 > 0, 1.0 / torch.where(len2 > 0, len2, torch.ones_like(len2)), torch.zeros_like(len2))
-    seg = [a.flatten(0, 1)[:, i] for i in range(3)] + [ab[:, i] for i in range(3)] + [inv_len2]  # 7 x [B E]
+    inv_len2 = _div_no_nan(torch.ones_like(len2), len2)                    # [B E] (rel_t = 0 if degenerate)
+    seg = [c.contiguous() for c in torch.cat([a.flatten(0, 1), ab], 1).unbind(1)] + [inv_len2]  # 7 x [B E]
     first_flat = (first + E * torch.arange(B, device=q.device).unsqueeze(1)).flatten()  # [B Gn]
     n_flat, g_ok_flat, radius_flat = n_seg.flatten(), g_ok.flatten(), radius.flatten()  # [B Gn]
     centre_flat = centre.flatten(0, 1)                                    # [B Gn, 3]
@@ -393,28 +399,31 @@ def _nearest_segments(q, a, b, ok, buggy: bool = False, G: int = EDGE_GROUP):
             j = i + max(1, int((cost <= CHUNK).sum()))
             rows = order[i:j]                                             # [n]
             k = max(1, int(need[j - 1]))
-            groups = lb[rows].topk(k, dim=-1, largest=False).indices.sort(dim=-1).values  # [n, k] ascending
-            groups = groups + group_base[rows].unsqueeze(1)               # [n, k] flat group ids
-            qc = q_flat[row_id[rows]]                                     # [n, P, 3]
+            groups = lb.index_select(0, rows).topk(k, dim=-1, largest=False).indices.sort(dim=-1).values  # [n, k]
+            groups = groups + group_base.index_select(0, rows).unsqueeze(1)  # [n, k] flat group ids, ascending
+            rid = row_id.index_select(0, rows)                            # [n]
+            qc = q_flat.index_select(0, rid)                              # [n, P, 3]
             # the same bound once more per point (rho = 0) among the row's k groups
-            dq = (qc.unsqueeze(2) - centre_flat[groups].unsqueeze(1)).norm(dim=-1)  # [n, P, k]
-            r_g = radius_flat[groups].unsqueeze(1)                        # [n, 1, k]
-            lb_q = torch.where(g_ok_flat[groups].unsqueeze(1), (dq - r_g).clamp(min=0.0), math.inf)  # [n, P, k]
-            ub_q = torch.where(g_ok_flat[groups].unsqueeze(1), dq + r_g, math.inf).amin(-1, keepdim=True)  # [n, P, 1]
+            dq = (qc.unsqueeze(2) - _pick(centre_flat, groups).unsqueeze(1)).norm(dim=-1)  # [n, P, k]
+            r_g = _pick(radius_flat, groups).unsqueeze(1)                 # [n, 1, k]
+            g_in = _pick(g_ok_flat, groups).unsqueeze(1)                  # [n, 1, k]
+            lb_q = torch.where(g_in, (dq - r_g).clamp(min=0.0), math.inf)  # [n, P, k]
+            ub_q = torch.where(g_in, dq + r_g, math.inf).amin(-1, keepdim=True)  # [n, P, 1]
             keep = lb_q <= ub_q + 1e-2 + 1e-4 * ub_q.abs()                # [n, P, k]
             k2 = max(1, int(keep.sum(-1).max()))
-            pick = torch.where(keep, lb_q, math.inf).topk(k2, dim=-1, largest=False).indices.sort(dim=-1).values  # [n, P, k2]
-            g2 = groups.unsqueeze(1).expand(-1, P, -1).gather(-1, pick)   # [n, P, k2] ascending flat group ids
-            cand = (first_flat[g2].unsqueeze(-1) + offset).flatten(-2)    # [n, P, k2 G] flat segment ids
-            cand_ok = ((offset < n_flat[g2].unsqueeze(-1)) & keep.gather(-1, pick).unsqueeze(-1)).flatten(-2)
-            cand = cand.clamp(max=B * E - 1)                              # [n, P, k2 G]
-            ax, ay, az, dx, dy, dz, il = (v[cand] for v in seg)           # [n, P, k2 G]
-            qax, qay, qaz = (qc[..., c:c + 1] - v for c, v in enumerate((ax, ay, az)))  # [n, P, k2 G]
+            lb_k, pick = torch.where(keep, lb_q, math.inf).topk(k2, dim=-1, largest=False)  # [n, P, k2]
+            pick, at = pick.sort(dim=-1)                                  # ascending groups: first on ties
+            g2 = groups.unsqueeze(1).expand(-1, P, -1).gather(-1, pick)   # [n, P, k2] flat group ids
+            kept = torch.isfinite(lb_k.gather(-1, at))                    # [n, P, k2]
+            cand_ok = (offset < _pick(n_flat, g2).unsqueeze(-1)) & kept.unsqueeze(-1)  # [n, P, k2, G]
+            cand = (_pick(first_flat, g2).unsqueeze(-1) + offset).flatten(-2).clamp(max=B * E - 1)  # [n, P, k2 G]
+            ax, ay, az, dx, dy, dz, il = (_pick(w, cand) for w in seg)    # [n, P, k2 G]
+            qax, qay, qaz = (qc[..., c:c + 1] - w for c, w in enumerate((ax, ay, az)))  # [n, P, k2 G]
             t = ((qax * dx + qay * dy) * il).clamp(0.0, 1.0) * sign       # [n, P, k2 G]
             d = (qax + dx * t) ** 2 + (qay + dy * t) ** 2 + (qaz + dz * t) ** 2  # squared distance
-            d = torch.where(cand_ok, d, math.inf)
+            d = torch.where(cand_ok.flatten(-2), d, math.inf)             # [n, P, k2 G]
             best = cand.gather(-1, d.argmin(-1, keepdim=True)).squeeze(-1)  # [n, P]
-            idx_out[row_id[rows]] = best - E * (row_id[rows] // N).unsqueeze(1)  # back to per-scene ids
+            idx_out.index_copy_(0, rid, best - E * (rid // N).unsqueeze(1))  # back to per-scene ids
             i = j
     return idx_out.view(B, N, P)
 
@@ -507,25 +516,26 @@ def _interaction_features(pos, yaw, valid, size, speed, slots):
         k = max(1, int(maybe.sum(-1).max()))
         j = torch.where(maybe, lb, math.inf).topk(k, dim=-1, largest=False).indices  # [B, Nc, M, k]
         pick = lambda v: v.expand_as(lb).gather(-1, j)                    # [B, Nc, M, k]
-        d = _rounded_box_distance(pick(x), pick(y), pick(cos_d), pick(sin_d), Li, Wi, pick(Lj), pick(Wj))
+        d = _rounded_box_distance(pick(x), pick(y), pick(cos_d), pick(sin_d), Li, Wi, pick(Lj), pick(Wj))  # [B, Nc, M, k]
         dist_out[:, c_] = torch.where(pick(maybe), d, BIG).amin(-1)       # [B, Nc, M]
 
         # 3.3: the box ahead. yaw_diff is NOT wrapped (+179 deg vs -179 deg gives 358 deg: rejected);
         # |cos|, |sin| of it equal those of h_j - h_i, already at hand.
         yaw_diff = (H[:, c_].unsqueeze(-2) - Hi[:, c_].unsqueeze(-1)).abs()  # [B, Nc, M, A]
-        ac, as_ = cos_d.abs(), sin_d.abs()
-        long_off = 0.5 * Lj * ac + 0.5 * Wj * as_                        # other's corner nearest the ego
-        lat_off = 0.5 * Lj * as_ + 0.5 * Wj * ac
+        ac, as_ = cos_d.abs(), sin_d.abs()                                # [B, Nc, M, A]
+        long_off = 0.5 * Lj * ac + 0.5 * Wj * as_                        # [B, Nc, M, A] other's nearest corner
+        lat_off = 0.5 * Lj * as_ + 0.5 * Wj * ac                         # [B, Nc, M, A]
         lon = x - 0.5 * Li - long_off                                     # [B, Nc, M, A] ahead of ego's front
         lat = y.abs() - 0.5 * Wi - lat_off                                # [B, Nc, M, A] < 0: overlap
-        ahead = (V[:, c_].unsqueeze(-2) & (lon > 0) & (yaw_diff <= MAX_HEADING_DIFF) & (lat < 0)
+        ahead = (V[:, c_].unsqueeze(-2) & (lon > 0) & (yaw_diff <= MAX_HEADING_DIFF) & (lat < 0)  # [B, Nc, M, A]
                  & ((lat < -SMALL_OVERLAP) | (yaw_diff <= MAX_HEADING_DIFF_SMALL_OVERLAP)))  # ego validity unused
         masked = lon + (~ahead).to(lon.dtype) * BIG                       # [B, Nc, M, A]
         j = masked.argmin(-1, keepdim=True)                               # [B, Nc, M, 1]
         gap = masked.gather(-1, j).squeeze(-1)                            # [B, Nc, M]
         v_ahead = S[:, c_].unsqueeze(-2).expand_as(masked).gather(-1, j).squeeze(-1)  # [B, Nc, M]
         rel = Si[:, c_] - v_ahead                                         # speed magnitudes, NaN -> 5
-        ttc_out[:, c_] = torch.where(rel > 0, torch.clamp(gap / rel, max=MAX_TTC), torch.full_like(rel, MAX_TTC))
+        ttc = torch.where(rel > 0, torch.clamp(gap / rel, max=MAX_TTC), torch.full_like(rel, MAX_TTC))  # [B, Nc, M]
+        ttc_out[:, c_] = ttc
     unflat = lambda x: x.view(B, R, Tn, M).transpose(2, 3)                # [B, R, M, T]
     return unflat(dist_out), unflat(ttc_out)
 
@@ -536,8 +546,8 @@ def _interaction_features(pos, yaw, valid, size, speed, slots):
 def _buggy_lane_distance(p, a, b):
     """The official lane-search 'distance' ||(p - a) + clip(rel_t)(b - a)|| (the `+` is the bug,
     copied for fidelity; a true distance has `-`). p, a, b [..., 2] broadcasting -> [...]."""
-    pa, ab = p - a, b - a
-    rel_t = _div_no_nan(_dot2(pa, ab), _dot2(ab, ab)).clamp(0.0, 1.0)
+    pa, ab = p - a, b - a                                                 # [..., 2]
+    rel_t = _div_no_nan(_dot2(pa, ab), _dot2(ab, ab)).clamp(0.0, 1.0)    # [...]
     return (pa + ab * rel_t.unsqueeze(-1)).norm(dim=-1)
 
 
@@ -582,7 +592,7 @@ def _red_light_violation(scenes, pos, valid):
     own = own.view(Bp, L, -1)                                             # [B', L, P]
     own_a, own_b = _rows(la, own), _rows(lb, own)                         # [B', L, P, 2]
     d = _buggy_lane_distance(stop.unsqueeze(-2), own_a.unsqueeze(2), own_b.unsqueeze(2))  # [B', L, 81, P]
-    d = torch.where(own_ok.view(Bp, L, 1, -1), d, torch.full_like(d, BIG))
+    d = torch.where(own_ok.view(Bp, L, 1, -1), d, torch.full_like(d, BIG))  # [B', L, 81, P]
     seg = own.unsqueeze(2).expand_as(d).gather(-1, d.argmin(-1, keepdim=True)).squeeze(-1)  # [B', L, 81]
     sa = _rows(la, seg)                                                   # [B', L, 81, 2]
     sb = _rows(lb, seg)                                                   # [B', L, 81, 2]
@@ -592,15 +602,15 @@ def _red_light_violation(scenes, pos, valid):
     P = pos[bi][..., NOW:, :].unsqueeze(-2)                               # [B', R, M, 81, 1, 2]
     sa_, ab_, len2_ = (x.transpose(1, 2)[:, None, None] for x in (sa, ab, len2))  # [B', 1, 1, 81, L, (2)]
     obj_t = _div_no_nan(_dot2(P - sa_, ab_), len2_)                       # [B', R, M, 81, L]
-    behind = obj_t < stop_t[:, None, None]                                # strict: landing on it never counts
-    ahead = obj_t > stop_t[:, None, None]
+    behind = obj_t < stop_t[:, None, None]                                # [B', R, M, 81, L] strict: landing
+    ahead = obj_t > stop_t[:, None, None]                                 # [B', R, M, 81, L]
     crossed = behind[..., :-1, :] & ahead[..., 1:, :]                     # [B', R, M, 80, L]
     state = scenes.tl_state[bi][:, :, NOW + 1:].transpose(1, 2)           # [B', 80, L]
     is_stop = (state == TL_STOP_STATES[0]) | (state == TL_STOP_STATES[1])  # [B', 80, L]
     lane_ok = in_lane.any(-1)                                             # [B', L]
     match = lane[..., 1:].unsqueeze(-1) == tl_lane[:, None, None, None]   # [B', R, M, 80, L]
     v = valid[bi][..., NOW + 1:].unsqueeze(-1)                            # [B', R, M, 80, 1]
-    out[bi] = (v & match & is_stop[:, None, None] & lane_ok[:, None, None, None] & crossed).any(-1)
+    out[bi] = (v & match & is_stop[:, None, None] & lane_ok[:, None, None, None] & crossed).any(-1)  # [B', R, M, 80]
     return out
 
 
@@ -618,8 +628,8 @@ def _features(scenes, pos, z, yaw, valid, slots, table) -> dict:
 
     # TTC speeds are 2D (z = 0) central differences over the 91 steps: NaN at the last step -> 5 s
     speed2d = torch.sqrt(central_diff(pos[..., 0]) ** 2 + central_diff(pos[..., 1]) ** 2) / DT  # [B, R, A, T]
-    dist, ttc = _interaction_features(pos[..., fut, :], yaw[..., fut], valid[..., fut], size,
-                                      speed2d[..., fut], slots)           # [B, R, M, 80]
+    dist, ttc = _interaction_features(pos[..., fut, :], yaw[..., fut], valid[..., fut], size,  # [B, R, M, 80]
+                                      speed2d[..., fut], slots)
 
     # road edges of valid boxes only; invalid ones are queried on the scene's first road edge (a
     # place near the road keeps the pruning tight) and masked to -BIG afterwards
@@ -633,7 +643,7 @@ def _features(scenes, pos, z, yaw, valid, slots, table) -> dict:
     road = _road_edge_distance_many(q_pos.reshape(B, -1, 2), q_z.reshape(B, -1), q_yaw.reshape(B, -1),
                                     e_size.reshape(B, -1, 3), table, track=TRACK)  # [B, R M 80]
     road = road.view(B, R, M, T_FUTURE)                                   # [B, R, M, 80]
-    road = torch.where(fv, road, torch.full_like(road, -BIG))
+    road = torch.where(fv, road, torch.full_like(road, -BIG))             # [B, R, M, 80]
     return {
         "linear_speed": speed[..., fut], "linear_acceleration": accel[..., fut],
         "angular_speed": ang_speed[..., fut], "angular_acceleration": ang_accel[..., fut],
@@ -685,8 +695,8 @@ def _bin_index(x, lo: float, hi: float, K: int):
     delta = (hi32 - lo32) / K                                             # float32, as tf.linspace
     edges = lo32 + delta * torch.arange(K + 1, dtype=torch.float32, device=x.device)  # [K+1]
     edges[0], edges[-1] = lo32, hi32
-    xc = x.clamp(lo, hi)
-    idx = (torch.searchsorted(edges, xc.contiguous(), right=True) - 1).clamp(0, K - 1)
+    xc = x.clamp(lo, hi)                                                  # [...] NaN stays NaN
+    idx = (torch.searchsorted(edges, xc.contiguous(), right=True) - 1).clamp(0, K - 1)  # [...]
     return torch.where(torch.isnan(xc), torch.full_like(idx, K - 1), idx)
 
 
@@ -790,7 +800,8 @@ def score_rollouts(scenes, sim_pos, sim_z, sim_yaw, version: str = "2025") -> di
     out["realism_meta"] = sum(weights[f] * out[f] for f in FEATURES)
     for bucket, names in BUCKETS.items():
         w = sum(weights[f] for f in names)
-        out[bucket] = sum(weights[f] * out[f] for f in names) / w if w > 0 else torch.full_like(out["realism_meta"], math.nan)
+        nan = torch.full_like(out["realism_meta"], math.nan)              # [B]
+        out[bucket] = sum(weights[f] * out[f] for f in names) / w if w > 0 else nan
 
     # rates over (rollout, scored object) pairs; the TL rate is masked by validity only
     pairs = slot_ok[:, None].expand(B, R, -1)                             # [B, R, M]

@@ -1,0 +1,626 @@
+"""SPACeR: decentralized self-play PPO anchored by a centralized tokenized reference model.
+
+Chang et al., "SPACeR: Self-Play Anchoring with Centralized Reference Models", ICLR 2026.
+
+Every controlled agent of B worlds is driven by one small shared policy pi_theta(a | o) that sees
+only its own ego-centric observation o. It acts in the motion-token vocabulary of the reference
+model p_ref (K tokens per agent type), so the two are categoricals over the same K actions and the
+reference can anchor the policy in two ways:
+
+    likelihood reward (Eq. 1, 3)   r_t = r_task + alpha * log p_ref(a_t | s_t)
+    exact KL penalty  (Eq. 2, 5)   loss = L_PPO + beta * KL(pi(.|o_t) || p_ref(.|s_t))
+                                   KL = sum_a pi(a|o_t) log(pi(a|o_t) / p_ref(a|s_t))
+
+with r_task = w_goal 1[goal] - w_coll 1[collided] - w_off 1[off-road] from the simulator. p_ref
+is *centralized*: s_t is the whole scene plus every agent's tokens so far. It is frozen and
+queried once per rollout: the executed tokens of the whole rollout (the log's history first) go
+through ONE causal teacher-forced pass, whose position n is p_ref(. | s_n) for every agent.
+Because the simulator's token mode executes exactly the chosen token, log p_ref(a_t | s_t)
+scores the motion that really happened.
+
+L_PPO is the usual clipped surrogate (Schulman et al. 2017) with GAE advantages:
+
+    delta_t = r_t + gamma V(o_{t+1}) - V(o_t),    A_t = sum_l (gamma lambda)^l delta_{t+l}
+    rho = pi(a_t|o_t) / pi_old(a_t|o_t),           L_clip = -E[min(rho A, clip(rho, 1-eps, 1+eps) A)]
+    L_PPO = L_clip + c_v (V - R)^2 / 2 - c_ent H[pi]
+
+Baselines from the same code (`SpacerConfig.anchor`):
+- "ppo":    alpha = beta = 0, r_task only.
+- "hr-ppo": Human-Regularized PPO (Cornelisse & Vinitsky 2024) adapted to tokens, as SPACeR's
+  baseline: a *decentralized* behaviour-cloned policy pi_BC (same architecture, 2x hidden, same
+  observations) is fitted to the logs' tokens, then PPO adds beta_hr * KL(pi_BC || pi) (forward
+  KL, the direction of SPACeR's camera-ready HR-PPO: it makes pi cover every token pi_BC likes).
+- "spacer": the anchors above; defaults alpha = 0, beta = 1. alpha = 0 as in the paper's best
+  setting: Table A2 shows the likelihood reward adds nothing on top of the KL (.74 either way) and
+  Fig. A1 shows alpha = 0.1 alone collapses the policy's entropy. The paper's best beta is 0.1,
+  but over 1e9 agent-steps; a tutorial run has about 1e6, and at beta = 0.1 the KL term is too
+  weak against the PPO gradient to move the policy in that time (measured on toy scenes: KL to
+  the reference 0.87 -> 0.87 in 6 iterations at beta = 0.1, 0.88 -> 0.45 at beta = 1). beta = 1
+  is inside the paper's sweep ("the tokenized reference tolerates 1.0": .729 vs .739 top-5).
+
+Scaled to a tutorial: 16 worlds x 40 steps per rollout, minibatches of 512, learning rate 1e-3,
+and rewards divided by a running std of the return (`ReturnScaler`; the per-step collision and
+off-road penalties make raw returns reach tens, and the critic's gradient would then swamp the
+actor's in the shared trunk). The rest is SPACeR's Table A3 (gamma 0.99, lambda 0.95, clip 0.2,
+4 epochs, value coefficient 0.3, entropy 1e-4, gradient norm 0.5). Only controlled agents act
+and enter the loss; the others replay their log.
+
+Evaluation samples among the top 8 tokens, as the reference's rollouts do (top-1 rollouts have
+no diversity and score far lower on the likelihood-based realism metric).
+
+Policy: GPUDrive's late-fusion MLP (65,801 parameters with one head at K = 200). The ego, the
+partners and the road points each go through Linear-LayerNorm-Tanh-Linear (width 64); partners
+and road points are max-pooled over their masks; the three embeddings are concatenated, mapped
+to 128 hidden units (Linear-Tanh; the Tanh is ours, GPUDrive has a plain Linear there) and read
+by an actor and a critic. Token ids mean different motions for different agent types, so by
+default the actor has one head per agent type (SPACeR's VRU variant, Table A1: .729 with it,
+.685 without): 117,401 parameters at K = 200. `type_heads=False` gives the single-head policy of
+the paper's vehicle-only runs. GPUDrive's 0.01 dropout is left out: it would make the PPO ratio noisy.
+
+Goal dropout (SPACeR Sec. 3): for a fraction of the agents the goal features of the ego
+observation are zeroed for a whole episode, while the goal reward is still paid, so the policy
+also learns to drive without a goal.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from env import EGO_DIM, PARTNER_DIM, ROAD_DIM, EnvConfig, MultiAgentEnv
+from scenes import NOW, T, Scenes
+
+GOAL_FEATURES = slice(6, 9)  # goal x, goal y, goal distance in env.observe's ego layout
+N_TYPES = 3                  # vehicle, pedestrian, cyclist
+ANCHORS = ("spacer", "ppo", "hr-ppo")
+
+
+@dataclass
+class SpacerConfig:
+    anchor: str = "spacer"          # spacer (reference anchors) | ppo (task reward only) | hr-ppo (KL to a BC policy)
+    alpha: float = 0.0              # weight of the likelihood reward alpha * log p_ref(a_t | s_t) (spacer only)
+    beta: float = 1.0               # weight of the exact KL(pi || p_ref) in the loss (spacer only; see above)
+    beta_hr: float = 0.01           # weight of KL(pi_BC || pi) in the loss (hr-ppo only; HR-PPO's value)
+    # reward (SPACeR / GPUDrive weights)
+    w_goal: float = 1.0             # reward for reaching the goal, paid once
+    w_coll: float = 0.75            # penalty per 0.1 s step in collision
+    w_off: float = 0.75             # penalty per 0.1 s step off-road
+    goal_dropout: float = 0.2       # fraction of agents whose goal is hidden from the observation for an episode
+    # PPO (SPACeR Table A3, scaled down to a tutorial budget)
+    lr: float = 1e-3                # Adam learning rate, constant (paper 3e-4 over 1e9 steps)
+    gamma: float = 0.99             # discount per policy step (0.2 s)
+    gae_lambda: float = 0.95        # GAE lambda
+    clip_coef: float = 0.2          # PPO ratio clip
+    update_epochs: int = 4          # passes over each rollout
+    minibatch_size: int = 512       # agent-steps per gradient step (about 20 per epoch of a rollout)
+    vf_coef: float = 0.3            # value loss weight
+    ent_coef: float = 1e-4          # entropy bonus weight
+    max_grad_norm: float = 0.5      # global gradient-norm clip
+    # scale
+    num_worlds: int = 16            # worlds (scenes) simulated together per rollout (~10k agent-steps)
+    iterations: int = 50            # rollouts + PPO updates
+    embed: int = 64                 # width of the ego / partner / road embeddings
+    hidden: int = 128               # width of the fused hidden layer
+    type_heads: bool = True         # one actor head per agent type (else one shared head)
+    # HR-PPO's behaviour-cloned policy
+    bc_hidden: int = 256            # 2x the policy's hidden width
+    bc_scenes: int = 64             # training scenes replayed to make BC data
+    bc_epochs: int = 8              # passes over the BC data
+    # evaluation
+    eval_rollouts: int = 32         # R rollouts per test scene (WOSAC)
+    eval_top_k: int = 8             # sample among the top-k tokens at evaluation, as the reference (0: all K)
+    eval_batch: int = 8             # test scenes per evaluation batch (x R worlds)
+    save_every: int = 10            # iterations between checkpoints
+    seed: int = 42                  # seed (Table A3)
+
+
+def check_config(cfg: SpacerConfig) -> None:
+    if cfg.anchor not in ANCHORS:
+        raise ValueError(f"SpacerConfig.anchor must be one of {ANCHORS}, got {cfg.anchor!r}")
+    if cfg.anchor != "spacer" and (cfg.alpha != 0 or cfg.beta != 0):
+        raise ValueError(f"SpacerConfig.alpha / beta anchor to the reference and only apply to anchor='spacer'; "
+                         f"got anchor={cfg.anchor!r} with alpha={cfg.alpha}, beta={cfg.beta}")
+    if not 0.0 <= cfg.goal_dropout <= 1.0:
+        raise ValueError(f"SpacerConfig.goal_dropout must be in [0, 1], got {cfg.goal_dropout}")
+
+
+def anchor_config(anchor: str, **overrides) -> SpacerConfig:
+    """The config of one of the three methods: ppo and hr-ppo switch off the reference anchors."""
+    base = dict(anchor=anchor) if anchor == "spacer" else dict(anchor=anchor, alpha=0.0, beta=0.0)
+    cfg = SpacerConfig(**{**base, **overrides})
+    check_config(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# The decentralized policy: GPUDrive's late-fusion MLP
+# --------------------------------------------------------------------------------------------
+def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+def embed_mlp(d_in: int, d: int) -> nn.Sequential:
+    return nn.Sequential(layer_init(nn.Linear(d_in, d)), nn.LayerNorm(d), nn.Tanh(), layer_init(nn.Linear(d, d)))
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Max over the set dim of x [..., P, D] where mask [..., P]; an empty set gives zeros."""
+    pooled = x.masked_fill(~mask.unsqueeze(-1), -1e9).max(-2).values         # [..., D]
+    return torch.where(mask.any(-1, keepdim=True), pooled, torch.zeros_like(pooled))
+
+
+class LateFusionPolicy(nn.Module):
+    """pi(a | o) over the K tokens of the agent's type, and V(o)."""
+
+    def __init__(self, K: int, embed: int = 64, hidden: int = 128, type_heads: bool = True):
+        super().__init__()
+        self.K, self.n_heads = K, N_TYPES if type_heads else 1
+        self.ego_net = embed_mlp(EGO_DIM, embed)
+        self.partner_net = embed_mlp(PARTNER_DIM, embed)
+        self.road_net = embed_mlp(ROAD_DIM, embed)
+        self.shared = nn.Sequential(layer_init(nn.Linear(3 * embed, hidden)), nn.Tanh())
+        self.actor = layer_init(nn.Linear(hidden, self.n_heads * K), std=0.01)  # near-uniform start
+        self.critic = layer_init(nn.Linear(hidden, 1), std=1.0)
+
+    def forward(self, obs: dict, agent_type: torch.Tensor) -> tuple:
+        """obs tensors with leading dims [...] (e.g. [B, A]), agent_type [...] ->
+        (logits [..., K], value [...])."""
+        ego = self.ego_net(obs["ego"])                                            # [..., D]
+        partners = masked_max(self.partner_net(obs["partners"]), obs["partner_mask"])  # [..., D]
+        road = masked_max(self.road_net(obs["road"]), obs["road_mask"])           # [..., D]
+        h = self.shared(torch.cat([ego, partners, road], -1))                     # [..., H]
+        heads = self.actor(h).unflatten(-1, (self.n_heads, self.K))               # [..., heads, K]
+        head = agent_type.clamp(0, self.n_heads - 1) if self.n_heads > 1 else torch.zeros_like(agent_type)  # [...]
+        logits = heads.gather(-2, head[..., None, None].expand(*head.shape, 1, self.K)).squeeze(-2)  # [..., K]
+        return logits, self.critic(h).squeeze(-1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces of the algorithm
+# --------------------------------------------------------------------------------------------
+def exact_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_a p(a) (log p(a) - log q(a)) over the last dim (Eq. 5): [..., K] -> [...]."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def drop_goal(obs: dict, goal_keep: torch.Tensor) -> dict:
+    """Zero the goal features of agents with goal_keep [B, A] False (goal dropout)."""
+    ego = obs["ego"].clone()                                                      # [B, A, EGO_DIM]
+    ego[..., GOAL_FEATURES] *= goal_keep.unsqueeze(-1).to(ego.dtype)
+    return {**obs, "ego": ego}
+
+
+def sample_tokens(logits: torch.Tensor, top_k: int = 0) -> torch.Tensor:
+    """Sample ids [...] from logits [..., K], among the top_k most likely tokens when top_k > 0."""
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # [..., 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))                  # [..., K]
+    probs = logits.softmax(-1).reshape(-1, logits.shape[-1])                     # [M, K]
+    return torch.multinomial(probs, 1).reshape(logits.shape[:-1])                # [...]
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple:
+    """Generalized advantage estimation over a fixed-length episode that ends after the last step
+    (so V after it is 0). rewards, values [N, ...] -> (advantages [N, ...], returns [N, ...])."""
+    advantages = torch.zeros_like(rewards)                                        # [N, ...]
+    lastgaelam = torch.zeros_like(rewards[0])                                     # [...]
+    for t in reversed(range(rewards.shape[0])):
+        next_value = values[t + 1] if t + 1 < rewards.shape[0] else torch.zeros_like(values[t])
+        delta = rewards[t] + gamma * next_value - values[t]
+        advantages[t] = lastgaelam = delta + gamma * lam * lastgaelam
+    return advantages, advantages + values
+
+
+def anchored_reward(r_task: torch.Tensor, logp_ref: torch.Tensor, actions: torch.Tensor, alpha: float) -> tuple:
+    """Eq. 1: r = r_task + alpha * log p_ref(a_t | s_t) of the token actually executed.
+    r_task [N, B, A], logp_ref [N, B, A, K], actions [N, B, A] -> (r [N, B, A], log p_ref(a_t) [N, B, A])."""
+    logp_exec = logp_ref.gather(-1, actions.unsqueeze(-1)).squeeze(-1)           # [N, B, A]
+    return r_task + alpha * logp_exec, logp_exec
+
+
+# --------------------------------------------------------------------------------------------
+# Self-play rollout and the reference query
+# --------------------------------------------------------------------------------------------
+def make_env(scenes: Scenes, table: torch.Tensor, cfg: SpacerConfig) -> MultiAgentEnv:
+    env_cfg = EnvConfig(mode="token", w_goal=cfg.w_goal, w_coll=cfg.w_coll, w_off=cfg.w_off)
+    return MultiAgentEnv(scenes, env_cfg, token_table=table)
+
+
+def n_policy_steps(spt: int) -> int:
+    return (T - 1 - NOW) // spt                                                   # 40 at spt = 2
+
+
+def controlled_forward(net: LateFusionPolicy, obs: dict, agent_type: torch.Tensor, ctrl: torch.Tensor) -> tuple:
+    """The policy on the controlled agents only (the others replay their log, padding never acts):
+    obs [B, A, ...], agent_type, ctrl [B, A] -> (logits [M, K], value [M])."""
+    return net({k: v[ctrl] for k, v in obs.items()}, agent_type[ctrl])
+
+
+@torch.no_grad()
+def collect_rollout(policy: LateFusionPolicy, env: MultiAgentEnv, goal_keep: torch.Tensor,
+                    teacher: LateFusionPolicy | None = None) -> dict:
+    """Run every world's controlled agents for one episode with the shared policy, sampling from
+    pi. Storage is preallocated [N, B, A, ...] with N = 40 policy steps (zeros where an agent is
+    not controlled). With a `teacher` (HR-PPO's BC policy), also stores its log-probabilities on
+    the same observations."""
+    obs = env.reset()
+    N, (B, A), agent_type, ctrl = n_policy_steps(env.spt), env.controlled.shape, env.s.agent_type, env.controlled
+    K, dev = policy.K, env.device
+    buf = {k: torch.zeros((N,) + v.shape, dtype=v.dtype, device=dev) for k, v in obs.items()}  # [N, B, A, ...]
+    actions = torch.zeros(N, B, A, dtype=torch.long, device=dev)                  # [N, B, A]
+    logprobs = torch.zeros(N, B, A, device=dev)                                   # [N, B, A]
+    values = torch.zeros(N, B, A, device=dev)                                     # [N, B, A]
+    rewards = torch.zeros(N, B, A, device=dev)                                    # [N, B, A]
+    logp_all = torch.zeros(N, B, A, K, device=dev)                                # [N, B, A, K]
+    teacher_logp = torch.zeros(N, B, A, K, device=dev) if teacher is not None else None  # [N, B, A, K]
+    for n in range(N):
+        obs = drop_goal(obs, goal_keep)
+        for k, v in obs.items():
+            buf[k][n] = v
+        logits, value = controlled_forward(policy, obs, agent_type, ctrl)         # [M, K], [M]
+        logp = logits.log_softmax(-1)                                             # [M, K]
+        a = sample_tokens(logits)                                                 # [M]
+        actions[n][ctrl], values[n][ctrl], logp_all[n][ctrl] = a, value, logp
+        logprobs[n][ctrl] = logp.gather(-1, a.unsqueeze(-1)).squeeze(-1)
+        if teacher is not None:
+            teacher_logp[n][ctrl] = controlled_forward(teacher, obs, agent_type, ctrl)[0].log_softmax(-1)
+        obs, rewards[n], _ = env.step(actions[n])
+    pose = torch.cat([env.traj_pos, env.traj_yaw.unsqueeze(-1)], -1)[:, :, ::env.spt]  # [B, A, N + 1, 3] boundaries
+    return dict(obs=buf, pose=pose, actions=actions, logprobs=logprobs, logp_all=logp_all, values=values,
+                r_task=rewards, teacher_logp=teacher_logp, ctrl=ctrl,
+                goal=env.goal_reached & ctrl, collided=env.ever_collided & ctrl, offroad=env.ever_offroad & ctrl)
+
+
+@torch.no_grad()
+def reference_log_probs(log_p_ref, scenes: Scenes, log: dict, roll: dict, n0: int) -> torch.Tensor:
+    """log p_ref(. | s_t) at every executed future step, from ONE causal teacher-forced pass.
+
+    The token sequence is the log's history (ids before n0) followed by the executed future:
+    controlled agents' sampled tokens, the others' logged tokens (they replay the log); the
+    boundary poses are the log's (tokenizer.encode) and, for controlled agents after n0, those the
+    simulator reached. log: tokenizer.encode of `scenes` (ids, id_valid [B, A, N], pose
+    [B, A, N + 1, 3], pose_valid [B, A, N + 1]); roll: collect_rollout's actions [Nf, B, A], ctrl
+    [B, A], pose [B, A, N + 1, 3]. log_p_ref(scenes, ids, id_valid, pose, pose_valid) -> [B, A, N, K].
+    Returns [Nf, B, A, K]."""
+    Nf = roll["actions"].shape[0]
+    ctrl = roll["ctrl"].unsqueeze(-1)                                              # [B, A, 1]
+    ids, valid = log["ids"].clone(), log["id_valid"].clone()                       # [B, A, N]
+    ids[:, :, n0:n0 + Nf] = torch.where(ctrl, roll["actions"].permute(1, 2, 0), log["ids"][:, :, n0:n0 + Nf])
+    valid[:, :, n0:n0 + Nf] |= ctrl                                                # controlled agents live to the end
+    pose, pose_valid = log["pose"].clone(), log["pose_valid"].clone()              # [B, A, N + 1, 3], [B, A, N + 1]
+    pose[:, :, n0 + 1:] = torch.where(ctrl.unsqueeze(-1), roll["pose"][:, :, n0 + 1:], pose[:, :, n0 + 1:])
+    pose_valid[:, :, n0 + 1:] |= ctrl
+    logp = log_p_ref(scenes, ids, valid, pose, pose_valid)                         # [B, A, N, K]
+    return logp[:, :, n0:n0 + Nf].permute(2, 0, 1, 3).contiguous()                # [Nf, B, A, K]
+
+
+# --------------------------------------------------------------------------------------------
+# The PPO update with the anchor term
+# --------------------------------------------------------------------------------------------
+def ppo_update(policy, optimizer, batch: dict, cfg: SpacerConfig, anchor_coef: float, gen=None) -> dict:
+    """Epochs of shuffled minibatches over flat samples [M, ...] (controlled agent-steps only).
+
+    batch["anchor_logp"] [M, K] is log p_ref (spacer: + anchor_coef KL(pi || p_ref)) or
+    log pi_BC (hr-ppo: + anchor_coef KL(pi_BC || pi)); None for plain PPO."""
+    M = batch["actions"].shape[0]
+    forward_kl = cfg.anchor == "hr-ppo"
+    stats, clipfracs = {k: 0.0 for k in ("pg_loss", "v_loss", "entropy", "kl_anchor", "approx_kl")}, []
+    n_mb = 0
+    for _ in range(cfg.update_epochs):
+        perm = torch.randperm(M, generator=gen).to(batch["actions"].device)      # [M]
+        for start in range(0, M, cfg.minibatch_size):
+            mb = perm[start:start + cfg.minibatch_size]                           # [m]
+            obs = {k: v[mb] for k, v in batch["obs"].items()}                     # [m, ...]
+            logits, value = policy(obs, batch["agent_type"][mb])                  # [m, K], [m]
+            logp_all = logits.log_softmax(-1)                                     # [m, K]
+            newlogp = logp_all.gather(-1, batch["actions"][mb, None]).squeeze(-1)  # [m]
+            logratio = newlogp - batch["logprobs"][mb]                            # [m]
+            ratio = logratio.exp()                                                # [m]
+            with torch.no_grad():
+                approx_kl = ((ratio - 1) - logratio).mean()
+                clipfracs.append(((ratio - 1.0).abs() > cfg.clip_coef).float().mean().item())
+            adv = batch["advantages"][mb]                                         # [m]
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8) if adv.numel() > 1 else adv
+            pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)).mean()
+            v_loss = 0.5 * ((value - batch["returns"][mb]) ** 2).mean()
+            entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
+            loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy
+            if batch.get("anchor_logp") is not None:
+                anchor = batch["anchor_logp"][mb]                                 # [m, K]
+                kl = exact_kl(anchor, logp_all) if forward_kl else exact_kl(logp_all, anchor)  # [m]
+                loss = loss + anchor_coef * kl.mean()
+                stats["kl_anchor"] += kl.mean().item()
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            for k, v in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", entropy), ("approx_kl", approx_kl)):
+                stats[k] += v.item()
+            n_mb += 1
+    out = {k: v / max(n_mb, 1) for k, v in stats.items()}
+    out["clipfrac"] = sum(clipfracs) / max(len(clipfracs), 1)
+    return out
+
+
+def flatten(roll: dict, advantages, returns, agent_type, anchor_logp) -> dict:
+    """[N, B, A, ...] storage -> flat samples [M, ...] of controlled agents (the only ones trained)."""
+    N = roll["actions"].shape[0]
+    keep = roll["ctrl"].unsqueeze(0).expand(N, -1, -1)                            # [N, B, A]
+    pick = lambda x: x[keep]                                                      # [M, ...]
+    return dict(obs={k: pick(v) for k, v in roll["obs"].items()}, actions=pick(roll["actions"]),
+                logprobs=pick(roll["logprobs"]), values=pick(roll["values"]), advantages=pick(advantages),
+                returns=pick(returns), agent_type=pick(agent_type.unsqueeze(0).expand(N, -1, -1)),
+                anchor_logp=pick(anchor_logp) if anchor_logp is not None else None)
+
+
+class ReturnScaler:
+    """Divide rewards by a running std of the discounted return (as CleanRL's continuous PPO does
+    with gym's NormalizeReward). Collision and off-road penalties accrue every 0.1 s step, so raw
+    returns reach tens; unscaled, the critic's gradient would swamp the actor's in the shared trunk."""
+
+    def __init__(self, gamma: float):
+        self.gamma, self.count, self.mean, self.var = gamma, 1e-4, 0.0, 1.0
+
+    def __call__(self, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """rewards [N, B, A], mask [B, A] (agents whose returns count) -> scaled rewards [N, B, A]."""
+        ret, rets = torch.zeros_like(rewards[0]), []                              # [B, A]
+        for t in range(rewards.shape[0]):
+            ret = self.gamma * ret + rewards[t]
+            rets.append(ret[mask])
+        x = torch.cat(rets).double()                                              # [M]
+        n, m, v = x.numel(), x.mean().item(), x.var(unbiased=False).item()
+        tot = self.count + n  # parallel (Chan et al.) update of the running mean and variance
+        delta = m - self.mean
+        self.var = (self.var * self.count + v * n + delta ** 2 * self.count * n / tot) / tot
+        self.mean, self.count = self.mean + delta * n / tot, tot
+        return rewards / math.sqrt(self.var + 1e-8)
+
+
+def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
+    var = target.var()
+    return float("nan") if var == 0 else (1 - (target - pred).var() / var).item()
+
+
+# --------------------------------------------------------------------------------------------
+# Training: rollout -> anchor -> GAE -> PPO, repeated (CleanRL's loop)
+# --------------------------------------------------------------------------------------------
+def train(cfg: SpacerConfig, scenes: Scenes, log_tokens: dict, table: torch.Tensor, n0: int, log_p_ref=None,
+          teacher: LateFusionPolicy | None = None, state: dict | None = None, ckpt_fn=None,
+          progress: bool = False) -> tuple:
+    """Self-play PPO on the training `scenes` (a pool; each iteration draws num_worlds of them).
+
+    log_tokens: tokenizer.encode of the pool (ids, id_valid [B_pool, A, N], pose [B_pool, A, N + 1, 3],
+    pose_valid); table [3, K, spt, 3]; log_p_ref(scenes, ids, id_valid, pose, pose_valid) -> [B, A, N, K]
+    the frozen reference (needed by spacer; with the others it only feeds the diagnostics);
+    teacher: HR-PPO's BC policy; state: a checkpoint dict to resume from; ckpt_fn(state) is called
+    every cfg.save_every iterations and at the end.
+    Returns (policy, history list of per-iteration dicts)."""
+    check_config(cfg)
+    if cfg.anchor == "spacer" and log_p_ref is None:
+        raise ValueError("anchor='spacer' needs the reference: pass log_p_ref")
+    if cfg.anchor == "hr-ppo" and teacher is None:
+        raise ValueError("anchor='hr-ppo' needs the behaviour-cloned teacher policy")
+    device = scenes.device
+    torch.manual_seed(cfg.seed)
+    K = table.shape[1]
+    policy = LateFusionPolicy(K, cfg.embed, cfg.hidden, cfg.type_heads).to(device)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+    scaler = ReturnScaler(cfg.gamma)
+    history, start = [], 0
+    if state is not None:
+        policy.load_state_dict(state["policy"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.__dict__.update(state["return_scaler"])
+        history, start = list(state["history"]), int(state["iteration"])
+        torch.set_rng_state(state["rng"])
+    anchor_coef = cfg.beta if cfg.anchor == "spacer" else cfg.beta_hr if cfg.anchor == "hr-ppo" else 0.0
+    bar = range(start, cfg.iterations)
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(bar, desc=f"spacer[{cfg.anchor}]", initial=start, total=cfg.iterations)
+    for it in bar:
+        t0 = time.perf_counter()
+        idx = torch.randperm(scenes.B)[: cfg.num_worlds]                          # [B]
+        worlds = scenes.select(idx.to(device))
+        env = make_env(worlds, table, cfg)
+        goal_keep = torch.rand(worlds.B, worlds.A, device=device) >= cfg.goal_dropout  # [B, A]
+
+        # ---- self-play rollout: every controlled agent acts with the shared policy --------
+        roll = collect_rollout(policy, env, goal_keep, teacher)
+        t_roll = time.perf_counter() - t0
+
+        # ---- anchoring: one causal pass of the frozen reference over the executed tokens --
+        logp_ref = None
+        if log_p_ref is not None:
+            log = {k: v[idx.to(v.device)].to(device) for k, v in log_tokens.items()}  # [B, A, N(+1), ...]
+            logp_ref = reference_log_probs(log_p_ref, worlds, log, roll, n0)      # [N, B, A, K]
+            rewards, logp_exec = anchored_reward(roll["r_task"], logp_ref, roll["actions"],
+                                                 cfg.alpha if cfg.anchor == "spacer" else 0.0)  # [N, B, A]
+        else:
+            rewards, logp_exec = roll["r_task"], None
+        t_ref = time.perf_counter() - t0 - t_roll
+
+        # ---- GAE and the PPO update over controlled agents only ---------------------------
+        advantages, returns = gae(scaler(rewards, roll["ctrl"]), roll["values"], cfg.gamma, cfg.gae_lambda)  # [N, B, A]
+        anchor_logp = logp_ref if cfg.anchor == "spacer" else roll["teacher_logp"]
+        batch = flatten(roll, advantages, returns, worlds.agent_type, anchor_logp)
+        stats = ppo_update(policy, optimizer, batch, cfg, anchor_coef)
+
+        # ---- diagnostics ------------------------------------------------------------------
+        M = batch["actions"].shape[0]
+        ctrl = roll["ctrl"]
+        n_ctrl = max(int(ctrl.sum()), 1)
+        dt = time.perf_counter() - t0
+        row = dict(iteration=it + 1, **stats, explained_variance=explained_variance(batch["values"], batch["returns"]),
+                   task_reward=(roll["r_task"].sum(0)[ctrl]).mean().item() if bool(ctrl.any()) else 0.0,
+                   goal_rate=roll["goal"].sum().item() / n_ctrl, collision_rate=roll["collided"].sum().item() / n_ctrl,
+                   offroad_rate=roll["offroad"].sum().item() / n_ctrl, agent_steps=M,
+                   sps=M / dt, rollout_s=t_roll, reference_s=t_ref, update_s=dt - t_roll - t_ref)
+        if logp_ref is not None:
+            keep = ctrl.unsqueeze(0).expand_as(logp_exec)                         # [N, B, A]
+            row["logp_ref_exec"] = logp_exec[keep].mean().item()
+            row["kl_ref"] = exact_kl(roll["logp_all"][keep], logp_ref[keep]).mean().item()  # of the rollout's pi
+        history.append(row)
+        if progress:
+            bar.set_postfix(R=f"{row['task_reward']:.2f}", goal=f"{row['goal_rate']:.2f}",
+                            coll=f"{row['collision_rate']:.2f}", H=f"{row['entropy']:.2f}",
+                            kl=f"{row.get('kl_ref', float('nan')):.2f}", sps=f"{row['sps']:.0f}")
+        if ckpt_fn is not None and ((it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations):
+            ckpt_fn(dict(policy=policy.state_dict(), K=K, optimizer=optimizer.state_dict(), iteration=it + 1,
+                         history=history, rng=torch.get_rng_state(), return_scaler=dict(scaler.__dict__),
+                         cfg=asdict(cfg)))
+    return policy, history
+
+
+# --------------------------------------------------------------------------------------------
+# HR-PPO's teacher: behaviour cloning of a decentralized policy on replayed log tokens
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def replay_log_observations(scenes: Scenes, log_tokens: dict, table: torch.Tensor, n0: int, cfg: SpacerConfig,
+                            goal_keep: torch.Tensor) -> dict:
+    """Observations met when the controlled agents execute their logged tokens in the env.
+    Returns flat samples {obs, agent_type, target} of controlled agents with a valid logged token."""
+    env = make_env(scenes, table, cfg)
+    obs = env.reset()
+    N = n_policy_steps(env.spt)
+    log_ids, log_valid = log_tokens["ids"], log_tokens["id_valid"]                 # [B, A, N]
+    samples = []
+    for n in range(N):
+        obs = drop_goal(obs, goal_keep)
+        keep = env.controlled & log_valid[:, :, n0 + n]                           # [B, A]
+        samples.append(({k: v[keep] for k, v in obs.items()}, scenes.agent_type[keep], log_ids[:, :, n0 + n][keep]))
+        obs, _, _ = env.step(log_ids[:, :, n0 + n])
+    return dict(obs={k: torch.cat([s[0][k] for s in samples]) for k in samples[0][0]},  # [M, ...]
+                agent_type=torch.cat([s[1] for s in samples]),                    # [M]
+                target=torch.cat([s[2] for s in samples]))                        # [M]
+
+
+def train_bc(cfg: SpacerConfig, scenes: Scenes, log_tokens: dict, table: torch.Tensor, n0: int,
+             progress: bool = False) -> tuple:
+    """pi_BC: the late-fusion policy with 2x hidden, cross-entropy on the logged tokens of the first
+    cfg.bc_scenes scenes, with the same goal dropout as self-play. Returns (policy, final accuracy)."""
+    torch.manual_seed(cfg.seed)
+    device = scenes.device
+    K = table.shape[1]
+    data = []
+    for i in range(0, min(cfg.bc_scenes, scenes.B), cfg.num_worlds):
+        part = scenes.select(slice(i, min(i + cfg.num_worlds, cfg.bc_scenes, scenes.B)))
+        sl = slice(i, i + part.B)
+        goal_keep = torch.rand(part.B, part.A, device=device) >= cfg.goal_dropout  # [B, A]
+        data.append(replay_log_observations(part, {k: v[sl] for k, v in log_tokens.items()}, table, n0, cfg, goal_keep))
+    obs = {k: torch.cat([d["obs"][k] for d in data]) for k in data[0]["obs"]}    # [M, ...]
+    agent_type = torch.cat([d["agent_type"] for d in data])                     # [M]
+    target = torch.cat([d["target"] for d in data])                             # [M]
+    bc = LateFusionPolicy(K, cfg.embed, cfg.bc_hidden, cfg.type_heads).to(device)
+    opt = torch.optim.Adam(bc.parameters(), lr=1e-3)
+    M = target.shape[0]
+    epochs = range(cfg.bc_epochs)
+    if progress:
+        from tqdm import tqdm
+        epochs = tqdm(epochs, desc="hr-ppo BC teacher")
+    for _ in epochs:
+        perm = torch.randperm(M, device=device)                                  # [M]
+        correct = 0
+        for start in range(0, M, cfg.minibatch_size):
+            mb = perm[start:start + cfg.minibatch_size]                           # [m]
+            logits, _ = bc({k: v[mb] for k, v in obs.items()}, agent_type[mb])    # [m, K]
+            loss = F.cross_entropy(logits, target[mb])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            correct += (logits.argmax(-1) == target[mb]).sum().item()
+        if progress:
+            epochs.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / M:.3f}")
+    bc.eval()
+    return bc, correct / max(M, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation: R closed-loop rollouts per test scene, scored with the WOSAC metrics
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def policy_rollout(policy: LateFusionPolicy, scenes: Scenes, R: int, table: torch.Tensor, cfg: SpacerConfig,
+                   timing: dict | None = None) -> tuple:
+    """R closed-loop episodes of every scene in one env of B * R worlds (goals given, top-k
+    sampling). Returns the executed futures pos [B, R, A, 80, 2], z [B, R, A, 80], yaw [B, R, A, 80].
+    timing["policy_s"], when given, accumulates the seconds spent in the policy alone."""
+    worlds = scenes.repeat(R)
+    env = make_env(worlds, table, cfg)
+    obs = env.reset()
+    ctrl = env.controlled                                                         # [B*R, A]
+    ids = torch.zeros(ctrl.shape, dtype=torch.long, device=env.device)            # [B*R, A]
+    for _ in range(n_policy_steps(env.spt)):
+        t0 = time.perf_counter()
+        logits, _ = controlled_forward(policy, obs, worlds.agent_type, ctrl)      # [M, K]
+        ids[ctrl] = sample_tokens(logits, cfg.eval_top_k)
+        if timing is not None:
+            if env.device.type == "cuda":
+                torch.cuda.synchronize()
+            timing["policy_s"] = timing.get("policy_s", 0.0) + time.perf_counter() - t0
+        obs, _, _ = env.step(ids)
+    return tuple(x.unflatten(0, (scenes.B, R)) for x in env.rollout_future())    # [B, R, A, 80, ...]
+
+
+@torch.no_grad()
+def evaluate(rollout_fn, scenes: Scenes, R: int, batch: int, goal_radius: float = 2.0, progress: bool = False) -> dict:
+    """Realism of any sim agent given as rollout_fn(scenes [B], R) -> (pos [B, R, A, 80, 2], z, yaw
+    [B, R, A, 80]), on `batch` test scenes (x R worlds) at a time. Returns the WOSAC dataset means
+    (realism_meta, buckets, min_ade, collision_rate, offroad_rate, ...), the goal rate (scored agents
+    passing within goal_radius of their goal) and throughput: scenarios (one 8 s rollout of one
+    scene) per second of rollout time, scoring excluded."""
+    import wosac_metrics as wm
+    per_scene, goals, rollout_s = [], [], 0.0
+    chunks = range(0, scenes.B, batch)
+    if progress:
+        from tqdm import tqdm
+        chunks = tqdm(chunks, desc="evaluate", leave=False)
+    for i in chunks:
+        part = scenes.select(slice(i, i + batch))
+        t0 = time.perf_counter()
+        pos, z, yaw = rollout_fn(part, R)                                          # [B, R, A, 80, 2], [B, R, A, 80] x2
+        if part.device.type == "cuda":
+            torch.cuda.synchronize()
+        rollout_s += time.perf_counter() - t0
+        for b in range(part.B):  # one scene at a time bounds the metric's memory at R = 32
+            per_scene.append(wm.score_rollouts(part.select([b]), pos[b:b + 1], z[b:b + 1], yaw[b:b + 1]))
+        near = (pos - part.goal[:, None, :, None]).norm(dim=-1).amin(-1) < goal_radius  # [B, R, A]
+        scored = (part.eval_mask & part.valid[:, :, NOW])[:, None].expand_as(near)      # [B, R, A]
+        goals.append(torch.stack([near[scored].float().sum(), scored.float().sum()]))   # [2]
+    result = wm.dataset_means({k: torch.cat([p[k] for p in per_scene]) for k in per_scene[0]})
+    g = torch.stack(goals).sum(0)                                                 # [2]
+    result.update(goal_rate=(g[0] / g[1].clamp(min=1)).item(), scenarios_per_s=scenes.B * R / rollout_s,
+                  rollout_s=rollout_s, n_scenes=scenes.B, rollouts=R)
+    return result
+
+
+def load_policy(path, device="cpu") -> tuple:
+    """(policy in eval mode, SpacerConfig) from a policy.pt written by train.py --stage spacer."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no policy checkpoint; run `python train.py --stage spacer` first")
+    d = torch.load(path, map_location=device, weights_only=True)
+    for key in ("policy", "K", "cfg"):
+        if key not in d:
+            raise ValueError(f"{path}: not a SPACeR policy checkpoint (missing '{key}')")
+    cfg = SpacerConfig(**d["cfg"])
+    policy = LateFusionPolicy(d["K"], cfg.embed, cfg.hidden, cfg.type_heads).to(device)
+    policy.load_state_dict(d["policy"])
+    return policy.eval(), cfg
+
+
+def save_atomic(obj, path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

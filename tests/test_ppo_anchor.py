@@ -1,0 +1,190 @@
+"""SPACeR pieces: exact KL, GAE, the anchored reward of the executed token, and a short anchored
+run that pulls the policy toward a (stand-in) reference distribution."""
+import copy
+import math
+
+import pytest
+import torch
+
+import ppo_anchor as pa
+import reference_model as RM
+from env import EGO_DIM, PARTNER_DIM, ROAD_DIM
+from scenes import NOW, make_toy_scenes
+from tokenizer import MotionTokenizer, TokenizerConfig
+
+K = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are small: one intra-op thread is as fast, and far faster on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world():
+    scenes = make_toy_scenes(3, seed=7)
+    tok = MotionTokenizer.fit(scenes, TokenizerConfig(K=K, steps_per_token=2))
+    enc = tok.encode(scenes)
+    return scenes, tok, enc
+
+
+def test_exact_kl_equals_brute_force_sum():
+    torch.manual_seed(0)
+    logp = torch.randn(3, 5).log_softmax(-1)
+    logq = torch.randn(3, 5).log_softmax(-1)
+    got = pa.exact_kl(logp, logq)
+    for i in range(3):
+        brute = 0.0
+        for a in range(5):
+            p, q = math.exp(logp[i, a]), math.exp(logq[i, a])
+            brute += p * math.log(p / q)
+        assert got[i].item() == pytest.approx(brute, rel=1e-5, abs=1e-6)
+    assert pa.exact_kl(logp, logp).abs().max().item() < 1e-6  # KL(p || p) = 0
+    assert (got > 0).all()
+
+
+def test_gae_matches_hand_computation():
+    gamma, lam = 0.9, 0.5
+    r = torch.tensor([[1.0], [0.0], [2.0]])                          # [N=3, 1]
+    v = torch.tensor([[0.5], [1.0], [-1.0]])                         # [N, 1]
+    d2 = 2.0 - (-1.0)                                                # last step: V after it is 0
+    d1 = 0.0 + gamma * -1.0 - 1.0
+    d0 = 1.0 + gamma * 1.0 - 0.5
+    a2 = d2
+    a1 = d1 + gamma * lam * a2
+    a0 = d0 + gamma * lam * a1
+    adv, ret = pa.gae(r, v, gamma, lam)
+    assert torch.allclose(adv[:, 0], torch.tensor([a0, a1, a2]))
+    assert torch.allclose(ret, adv + v)
+    # lambda = 1 gives discounted Monte-Carlo returns
+    _, ret1 = pa.gae(r, v, gamma, 1.0)
+    assert torch.allclose(ret1[:, 0], torch.tensor([1 + gamma**2 * 2, gamma * 2, 2.0]))
+
+
+def test_policy_size_heads_and_init():
+    one = pa.LateFusionPolicy(200, type_heads=False)
+    emb = lambda d: d * 64 + 64 + 2 * 64 + 64 * 64 + 64              # Linear, LayerNorm, Linear
+    backbone = emb(EGO_DIM) + emb(PARTNER_DIM) + emb(ROAD_DIM) + 192 * 128 + 128
+    assert pa.count_parameters(one) == backbone + 128 * 200 + 200 + 129
+    multi = pa.LateFusionPolicy(K, type_heads=True)
+    obs = dict(ego=torch.randn(2, 4, EGO_DIM), partners=torch.randn(2, 4, 3, PARTNER_DIM),
+               partner_mask=torch.rand(2, 4, 3) > 0.3, road=torch.randn(2, 4, 5, ROAD_DIM),
+               road_mask=torch.rand(2, 4, 5) > 0.3)
+    types = torch.tensor([[0, 1, 2, 0], [2, 2, 1, 0]])
+    logits, value = multi(obs, types)
+    assert logits.shape == (2, 4, K) and value.shape == (2, 4)
+    # each agent reads the head of its own type
+    for t in range(3):
+        other, _ = multi(obs, torch.full_like(types, t))
+        assert torch.allclose(logits[types == t], other[types == t])
+        assert not torch.allclose(logits[types != t], other[types != t])
+    # actor init std 0.01: the starting policy is near uniform
+    ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    assert (ent > math.log(K) - 0.01).all()
+    # a masked-out partner cannot change the output
+    obs2 = {**obs, "partners": torch.where(obs["partner_mask"][..., None], obs["partners"], 1e3)}
+    assert torch.allclose(multi(obs2, types)[0], logits)
+
+
+def test_top_k_sampling_stays_in_top_k():
+    torch.manual_seed(0)
+    logits = torch.randn(50, K)
+    top = logits.topk(3, -1).indices
+    ids = torch.stack([pa.sample_tokens(logits, top_k=3) for _ in range(20)])  # [20, 50]
+    assert (ids.unsqueeze(-1) == top.unsqueeze(0)).any(-1).all()
+
+
+def test_anchored_reward_scores_the_executed_token(world):
+    """The reference prefers the logged token; the policy executes other tokens. The likelihood
+    reward must be log p_ref of what was executed (not of the log, not of the reference's mode),
+    and what was executed is what the simulator moved the agent along."""
+    scenes, tok, enc = world
+    n0, A = tok.n0, scenes.A
+    cfg = pa.SpacerConfig(goal_dropout=0.0)
+    torch.manual_seed(1)
+    policy = pa.LateFusionPolicy(K)
+    env = pa.make_env(scenes, tok.table, cfg)
+    roll = pa.collect_rollout(policy, env, torch.ones(scenes.B, A, dtype=torch.bool))
+    seen = {}
+
+    def log_p_ref(sc, ids, valid, pose, pose_valid):  # stand-in: log 0 on the logged token, -10 elsewhere
+        seen.update(ids=ids.clone(), valid=valid.clone(), pose=pose.clone())
+        lp = torch.full(ids.shape + (K,), -10.0)
+        return lp.scatter(-1, enc["ids"].unsqueeze(-1), 0.0)
+
+    lp = pa.reference_log_probs(log_p_ref, scenes, enc, roll, n0)
+    Nf = roll["actions"].shape[0]
+    assert lp.shape == (Nf, scenes.B, A, K)
+    # the reference saw the history, the executed tokens of controlled agents, the log of the others
+    ctrl = roll["ctrl"]
+    assert torch.equal(seen["ids"][:, :, :n0], enc["ids"][:, :, :n0])
+    assert torch.equal(seen["ids"][:, :, n0:n0 + Nf][ctrl], roll["actions"].permute(1, 2, 0)[ctrl])
+    assert torch.equal(seen["ids"][:, :, n0:][~ctrl], enc["ids"][:, :, n0:][~ctrl])
+    # the boundary poses handed over are those the reference itself derives from these tokens
+    pose, pose_valid = RM.poses_from_ids(tok, scenes, seen["ids"], seen["valid"])
+    assert torch.allclose(seen["pose"][pose_valid], pose[pose_valid], atol=1e-3)
+    r, logp_exec = pa.anchored_reward(roll["r_task"], lp, roll["actions"], alpha=0.5)
+    executed_is_log = roll["actions"] == enc["ids"][:, :, n0:n0 + Nf].permute(2, 0, 1)  # [N, B, A]
+    m = ctrl.expand_as(executed_is_log)
+    assert bool((~executed_is_log & m).any())  # the case where it matters occurs
+    expect = torch.where(executed_is_log, 0.0, -10.0)
+    assert torch.equal(logp_exec[m], expect[m])
+    assert torch.allclose(r, roll["r_task"] + 0.5 * logp_exec)
+    # executing those tokens from the logged step-10 pose reproduces the simulated trajectory
+    start = torch.cat([scenes.pos[:, :, NOW], scenes.yaw[:, :, NOW, None]], -1)  # [B, A, 3]
+    poses = tok.decode(start, roll["actions"].permute(1, 2, 0), scenes.agent_type)  # [B, A, 80, 3]
+    pos, _, _ = env.rollout_future()
+    assert torch.allclose(poses[ctrl][..., :2], pos[ctrl], atol=1e-3)
+
+
+def test_flatten_keeps_only_controlled_agents(world):
+    scenes, tok, enc = world
+    cfg = pa.SpacerConfig()
+    env = pa.make_env(scenes, tok.table, cfg)
+    roll = pa.collect_rollout(pa.LateFusionPolicy(K), env, torch.ones(scenes.B, scenes.A, dtype=torch.bool))
+    z = torch.zeros_like(roll["values"])
+    batch = pa.flatten(roll, z, z, scenes.agent_type, None)
+    assert batch["actions"].shape[0] == roll["actions"].shape[0] * int(roll["ctrl"].sum())
+    assert batch["obs"]["road"].shape[1:] == roll["obs"]["road"].shape[3:]
+
+
+def test_short_anchored_run_pulls_policy_toward_reference(world, tmp_path):
+    """A fixed stand-in reference distribution per agent type; with the KL anchor the policy's
+    KL(pi || p_ref) falls well below its uniform start, and without it (PPO) it does not.
+    Resuming from the checkpoint of iteration 2 reproduces iteration 3 exactly."""
+    scenes, tok, enc = world
+    torch.manual_seed(0)
+    ref_logits = (3.0 * torch.randn(3, K)).log_softmax(-1)          # [3, K]
+
+    def log_p_ref(sc, ids, valid, pose, pose_valid):
+        return ref_logits[sc.agent_type].unsqueeze(2).expand(*ids.shape, K)  # [B, A, N, K]
+
+    def run(anchor, state=None, ckpts=None, **kw):
+        cfg = pa.anchor_config(anchor, num_worlds=2, iterations=3, minibatch_size=512, lr=3e-3,
+                               goal_dropout=0.0, save_every=1, **kw)
+        policy, hist = pa.train(cfg, scenes, enc, tok.table, tok.n0, log_p_ref=log_p_ref, state=state,
+                                ckpt_fn=None if ckpts is None else lambda st: ckpts.append(copy.deepcopy(st)))
+        return policy, hist
+
+    ckpts = []
+    policy, spacer = run("spacer", ckpts=ckpts, beta=1.0)
+    _, ppo = run("ppo")
+    assert spacer[0]["kl_ref"] == pytest.approx(ppo[0]["kl_ref"], rel=0.05)  # same near-uniform start
+    assert spacer[-1]["kl_ref"] < 0.5 * spacer[0]["kl_ref"]
+    assert ppo[-1]["kl_ref"] > 0.8 * ppo[0]["kl_ref"]
+    assert spacer[-1]["logp_ref_exec"] > spacer[0]["logp_ref_exec"] + 0.5
+    for row in spacer:
+        assert math.isfinite(row["pg_loss"]) and 0.0 <= row["clipfrac"] <= 1.0
+    # --resume: from the iteration-2 checkpoint, iteration 3 comes out the same
+    assert [c["iteration"] for c in ckpts] == [1, 2, 3]
+    _, resumed = run("spacer", state=ckpts[1], beta=1.0)
+    assert len(resumed) == 3 and resumed[-1]["kl_ref"] == pytest.approx(spacer[-1]["kl_ref"], rel=1e-5)
+    # the saved policy loads back to the same network
+    pa.save_atomic(ckpts[-1], tmp_path / "policy.pt")
+    loaded, cfg = pa.load_policy(tmp_path / "policy.pt")
+    obs = pa.make_env(scenes, tok.table, cfg).reset()
+    assert torch.equal(loaded(obs, scenes.agent_type)[0], policy(obs, scenes.agent_type)[0])

@@ -69,47 +69,53 @@ def human_driver_rollout(scenes: Scenes, R: int, seed: int = 0, batch_worlds: in
 
 
 # --------------------------------------------------------------------------------------------
-# Scoring
+# Scoring: any sim agent, given as a rollout function, judged the same way
 # --------------------------------------------------------------------------------------------
-def goal_rate(scenes: Scenes, fut_pos, radius: float = 2.0) -> torch.Tensor:
-    """Per scene: fraction of (rollout, controlled agent) pairs that come within `radius` m of the
-    agent's goal (its logged last position) at some future step. fut_pos [B, R, A, 80, 2] -> [B]."""
-    d = (fut_pos - scenes.goal[:, None, :, None]).norm(dim=-1)                 # [B, R, A, 80]
-    reached = (d < radius).any(-1).float()                                     # [B, R, A]
-    m = scenes.controlled[:, None].float().expand_as(reached)                  # [B, R, A]
-    return (reached * m).sum((1, 2)) / m.sum((1, 2)).clamp(min=1)
+@torch.no_grad()
+def score_method(rollout_fn, scenes: Scenes, R: int, batch: int, goal_radius: float = 2.0,
+                 progress: bool = False, desc: str = "evaluate") -> dict:
+    """Realism of any sim agent given as rollout_fn(scenes [B], R) -> (pos [B, R, A, 80, 2], z, yaw
+    [B, R, A, 80]), on `batch` scenes (x R worlds) at a time. Returns the WOSAC dataset means
+    (realism_meta, buckets, min_ade, collision_rate, offroad_rate, ...), the goal rate (scored agents
+    passing within goal_radius of their goal) and throughput: scenarios (one 8 s rollout of one
+    scene) per second of rollout time, scoring excluded."""
+    per_scene, goals, rollout_s = [], [], 0.0
+    chunks = range(0, scenes.B, batch)
+    if progress:
+        from tqdm import tqdm
+        chunks = tqdm(chunks, desc=desc, leave=False)
+    for i in chunks:
+        part = scenes.select(slice(i, i + batch))
+        sync(part.device)
+        t0 = time.perf_counter()
+        pos, z, yaw = rollout_fn(part, R)                                          # [b, R, A, 80, 2], [b, R, A, 80] x2
+        sync(part.device)
+        rollout_s += time.perf_counter() - t0
+        for b in range(part.B):  # one scene at a time bounds the metric's memory at R = 32
+            per_scene.append(wm.score_rollouts(part.select([b]), pos[b:b + 1], z[b:b + 1], yaw[b:b + 1]))
+        near = (pos - part.goal[:, None, :, None]).norm(dim=-1).amin(-1) < goal_radius  # [b, R, A]
+        scored = (part.eval_mask & part.valid[:, :, NOW])[:, None].expand_as(near)      # [b, R, A]
+        goals.append(torch.stack([near[scored].float().sum(), scored.float().sum()]))   # [2]
+    result = wm.dataset_means({k: torch.cat([p[k] for p in per_scene]) for k in per_scene[0]})
+    g = torch.stack(goals).sum(0)                                                 # [2]
+    result.update(goal_rate=(g[0] / g[1].clamp(min=1)).item(), scenarios_per_s=scenes.B * R / rollout_s,
+                  rollout_s=rollout_s, n_scenes=scenes.B, rollouts=R)
+    return result
 
 
-def score(scenes: Scenes, fut_pos, fut_z, fut_yaw, chunk: int = 4) -> dict:
-    """Dataset means of the WOSAC metrics (+ goal rate) of R rollouts per scene, scored a few
-    scenes at a time to bound memory at R = 32."""
-    per_scene = []
-    for b0 in range(0, scenes.B, chunk):
-        sl = slice(b0, b0 + chunk)
-        d = wm.score_rollouts(scenes.select(sl), fut_pos[sl], fut_z[sl], fut_yaw[sl])
-        d["goal_rate"] = goal_rate(scenes.select(sl), fut_pos[sl])
-        per_scene.append(d)
-    return wm.dataset_means({k: torch.cat([d[k] for d in per_scene]) for k in per_scene[0]})
-
-
-def timed(fn, scenes: Scenes, R: int):
-    """Run a rollout function and measure scenarios (scene x rollout) per second."""
-    if scenes.device.type == "cuda":
+def sync(device) -> None:
+    """Wait for queued CUDA work, so that wall-clock timings measure the work itself."""
+    if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn(scenes, R)
-    if scenes.device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, scenes.B * R / (time.perf_counter() - t0)
 
 
 def format_table(results: dict, keys=TABLE_KEYS) -> str:
-    """Markdown table; a method given as None is listed as missing."""
+    """Markdown table; a method given as a string (why it is missing) is listed as missing."""
     extra = ("scenarios_per_s", "params")
     lines = ["| method | " + " | ".join(keys + extra) + " |", "|---" * (len(keys) + len(extra) + 1) + "|"]
     for name, m in results.items():
-        if m is None:
-            lines.append(f"| {name} | " + " | ".join(["missing"] * (len(keys) + len(extra))) + " |")
+        if not isinstance(m, dict):
+            lines.append(f"| {name} | missing: {m} |" + " |" * (len(keys) + len(extra) - 1))
             continue
         cells = [f"{m[k]:.4f}" if isinstance(m.get(k), float) else "-" for k in keys]
         cells.append(f"{m['scenarios_per_s']:.1f}" if m.get("scenarios_per_s") else "-")
@@ -148,10 +154,14 @@ def plot_rollouts(path, scenes: Scenes, rollouts: dict, b: int = 0, n_show: int 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = ["log"] + list(rollouts)
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4.2), squeeze=False)
+    cols = min(5, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
     sim = scenes.valid[b, :, NOW] & scenes.controlled[b]                       # [A]
     centre = scenes.pos[b, sim, NOW].mean(0).cpu() if sim.any() else torch.zeros(2)
-    for ax, name in zip(axes[0], names):
+    for ax, name in zip(axes.flat, names):
         _draw_map(ax, scenes, b)
         hist = scenes.pos[b, :, :NOW + 1].cpu()                                # [A, 11, 2]
         if name == "log":
@@ -219,3 +229,151 @@ def plot_curves(path, logs: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# The eval stage: every checkpoint under the runs folder, on the same scenes, one table
+# --------------------------------------------------------------------------------------------
+# (row name, checkpoint under runs/, kind). Kinds: "cv" constant velocity, "human" the toy driver,
+# "reference" a reference_model checkpoint, "policy" a ppo_anchor policy.
+METHODS = (
+    ("constant velocity", None, "cv"),
+    ("human driver", None, "human"),
+    ("BC", "reference/bc.pt", "reference"),
+    ("CAT-K", "reference/catk.pt", "reference"),
+    ("PPO", "spacer/ppo/policy.pt", "policy"),
+    ("HR-PPO", "spacer/hr-ppo/policy.pt", "policy"),
+    ("SPACeR", "spacer/spacer/policy.pt", "policy"),
+    ("SFT-SFT", "r1/seed{seed}/sftsft.pt", "reference"),
+    ("SFT-RFT-SFT", "r1/seed{seed}/sft2.pt", "reference"),
+)
+
+
+def rollout_fn(kind: str, path: Path | None, runs: Path, device, seed: int):
+    """(rollout_fn(scenes, R) -> (pos, z, yaw), parameter count) for one method of METHODS."""
+    if kind == "cv":
+        return constant_velocity, 0
+    if kind == "human":
+        return (lambda s, R: human_driver_rollout(s, R, seed=seed)), 0
+    import reference_model as RM
+    if kind == "reference":
+        model, tok, _ = RM.load_reference(path, device)
+        stage = torch.load(path, map_location="cpu", weights_only=True).get("stage_cfg", {})
+        gen = torch.Generator(device=device).manual_seed(seed)
+
+        def roll(s, R):
+            out = RM.rollout(model, tok, s, R=R, top_k=stage.get("eval_top_k", 8),
+                             temperature=stage.get("eval_temperature", 1.0), generator=gen,
+                             batch_worlds=stage.get("eval_worlds", 256))
+            return out["traj"][..., :2], out["z"], out["traj"][..., 2]          # [B, R, A, 80, 2], [B, R, A, 80] x2
+        return roll, model.n_params
+    import ppo_anchor as PA
+    policy, cfg = PA.load_policy(path, device)
+    _, tok, _ = RM.load_reference(runs / "reference" / "catk.pt", device)  # the vocabulary the policy acts in
+
+    def roll(s, R):
+        torch.manual_seed(seed)
+        return PA.policy_rollout(policy, s, R, tok.table, cfg)
+    return roll, PA.count_parameters(policy)
+
+
+def test_scenes(runs: Path) -> Scenes:
+    """The reference stage's held-out toy test split (the same scenes every stage scored)."""
+    import scenes as S
+    ck = Path(runs) / "reference" / "bc.pt"
+    cfg = torch.load(ck, map_location="cpu", weights_only=True)["stage_cfg"] if ck.is_file() else {}
+    return S.toy_dataset("test", cfg.get("n_test", 32), seed=cfg.get("data_seed", 0),
+                         cache_dir=cfg.get("cache_dir", "data"))
+
+
+def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int | None = None,
+             womd: bool = True, batch: int = 8) -> dict:
+    """Score every method of METHODS on the held-out toy scenes and (where present) the real WOMD
+    examples; write results.md, results.json and the pictures to runs/eval. A method is re-scored
+    only when its checkpoint changed since the last results.json (so `--stage all` resumes)."""
+    import scenes as S
+    runs, device = Path(runs), torch.device(device)
+    out_dir = runs / "eval"
+    res_path = out_dir / "results.json"
+    old = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    suites = {"toy": test_scenes(runs)}
+    if n_test is not None:
+        suites["toy"] = suites["toy"].select(slice(0, n_test))
+    root = S.find_womd_examples() if womd else None
+    if root is not None:
+        suites["womd"] = S.load_womd_dir(root)
+    results = dict(R=R, seed=seed, device=str(device), date=time.strftime("%Y-%m-%d"), suites={})
+    for suite, scenes in suites.items():
+        scenes = scenes.to(device)
+        table = results["suites"][suite] = {}
+        for name, rel, kind in METHODS:
+            path = runs / rel.format(seed=seed) if rel else None
+            if kind == "human" and suite != "toy":
+                table[name] = "toy scenes only (the real logs have no driver model)"
+                continue
+            if path is not None and not path.is_file():
+                table[name] = f"no checkpoint at {path}"
+                continue
+            stamp = path.stat().st_mtime if path is not None else None
+            prev = old.get("suites", {}).get(suite, {}).get(name)
+            if (isinstance(prev, dict) and prev.get("mtime") == stamp and prev.get("n_scenes") == scenes.B
+                    and (old.get("R"), old.get("seed"), old.get("device")) == (R, seed, str(device))):
+                table[name] = prev                             # unchanged since the last eval: keep its score
+                continue
+            fn, params = rollout_fn(kind, path, runs, device, seed)
+            m = score_method(fn, scenes, R, batch, progress=True, desc=f"{suite}: {name}")
+            table[name] = dict(m, params=params, checkpoint=str(path) if path else None, mtime=stamp)
+            write_json(res_path, results)                      # after every method: never lose finished work
+            print(f"{suite} {name}: realism meta {m['realism_meta']:.4f}, minADE {m['min_ade']:.2f} m, "
+                  f"{m['scenarios_per_s']:.1f} scenarios/s")
+    write_json(res_path, results)
+
+    # ---- results.md and pictures -------------------------------------------------------------
+    md = [f"# Results ({results['date']}, device {device}, {R} rollouts per scene, sampling seed {seed})", ""]
+    for suite, table in results["suites"].items():
+        n = next((m["n_scenes"] for m in table.values() if isinstance(m, dict)), 0)
+        md += [f"## {'held-out toy test scenes' if suite == 'toy' else 'real WOMD example scenes'} ({n})", "",
+               format_table(table), ""]
+    pictures = []
+    for suite, scenes in suites.items():                       # a few fresh rollouts of scene 0 per method
+        scene0 = scenes.select([0]).to(device)
+        shown = {}
+        for name, rel, kind in METHODS:
+            if isinstance(results["suites"][suite].get(name), dict):
+                fn, _ = rollout_fn(kind, runs / rel.format(seed=seed) if rel else None, runs, device, seed)
+                pos, _, yaw = fn(scene0, 4)                    # [1, 4, A, 80, 2], _, [1, 4, A, 80]
+                shown[name] = (pos.cpu(), yaw.cpu())
+        plot_rollouts(out_dir / f"rollouts_{suite}.png", scene0.to("cpu"), {k: v[0] for k, v in shown.items()})
+        pictures.append(out_dir / f"rollouts_{suite}.png")
+        best = next((k for k in ("SPACeR", "SFT-RFT-SFT", "CAT-K", "BC", "human driver") if k in shown), None)
+        if best is not None:
+            p = out_dir / f"rollout_{suite}_{best.replace(' ', '_')}.gif"
+            animate_rollout(p, scene0.to("cpu"), *shown[best])
+            pictures.append(p)
+    p = out_dir / "training_curves.png"
+    plot_curves(p, training_curves(runs, seed))
+    if p.is_file():
+        pictures.append(p)
+    md += ["Pictures: " + ", ".join(f"`{q.name}`" for q in pictures), ""]
+    (out_dir / "results.md").write_text("\n".join(md))
+    print("\n".join(md))
+    print(f"results: {out_dir / 'results.md'}, {res_path}\npictures: {', '.join(str(q) for q in pictures)}")
+    return results
+
+
+def training_curves(runs: Path, seed: int = 0) -> dict:
+    """The series plot_curves draws, read from each stage's log.json."""
+    def read(p):
+        return json.loads(p.read_text()) if p.is_file() else {}
+    ref = read(runs / "reference" / "log.json")
+    curves = {"reference: validation loss per epoch": {ph: [e["val_loss"] for e in ref.get(ph, [])]
+                                                       for ph in ("bc", "catk")}}
+    spacer = {p.parent.name: read(p).get("history", []) for p in sorted((runs / "spacer").glob("*/log.json"))}
+    for key, title in (("task_reward", "SPACeR: task reward per iteration"),
+                       ("entropy", "SPACeR: policy entropy per iteration"),
+                       ("kl_ref", "SPACeR: KL(pi || p_ref) per iteration")):
+        curves[title] = {run: [h.get(key) for h in hist] for run, hist in spacer.items() if hist}
+    r1 = read(runs / "r1" / f"seed{seed}" / "log.json")
+    curves["SMART-R1: RFT reward per step"] = {k[4:]: [h["reward"] for h in v] for k, v in r1.items()
+                                              if k.startswith("rft_") and isinstance(v, list)}
+    return curves

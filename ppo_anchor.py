@@ -572,38 +572,6 @@ def policy_rollout(policy: LateFusionPolicy, scenes: Scenes, R: int, table: torc
     return tuple(x.unflatten(0, (scenes.B, R)) for x in env.rollout_future())    # [B, R, A, 80, ...]
 
 
-@torch.no_grad()
-def evaluate(rollout_fn, scenes: Scenes, R: int, batch: int, goal_radius: float = 2.0, progress: bool = False) -> dict:
-    """Realism of any sim agent given as rollout_fn(scenes [B], R) -> (pos [B, R, A, 80, 2], z, yaw
-    [B, R, A, 80]), on `batch` test scenes (x R worlds) at a time. Returns the WOSAC dataset means
-    (realism_meta, buckets, min_ade, collision_rate, offroad_rate, ...), the goal rate (scored agents
-    passing within goal_radius of their goal) and throughput: scenarios (one 8 s rollout of one
-    scene) per second of rollout time, scoring excluded."""
-    import wosac_metrics as wm
-    per_scene, goals, rollout_s = [], [], 0.0
-    chunks = range(0, scenes.B, batch)
-    if progress:
-        from tqdm import tqdm
-        chunks = tqdm(chunks, desc="evaluate", leave=False)
-    for i in chunks:
-        part = scenes.select(slice(i, i + batch))
-        t0 = time.perf_counter()
-        pos, z, yaw = rollout_fn(part, R)                                          # [B, R, A, 80, 2], [B, R, A, 80] x2
-        if part.device.type == "cuda":
-            torch.cuda.synchronize()
-        rollout_s += time.perf_counter() - t0
-        for b in range(part.B):  # one scene at a time bounds the metric's memory at R = 32
-            per_scene.append(wm.score_rollouts(part.select([b]), pos[b:b + 1], z[b:b + 1], yaw[b:b + 1]))
-        near = (pos - part.goal[:, None, :, None]).norm(dim=-1).amin(-1) < goal_radius  # [B, R, A]
-        scored = (part.eval_mask & part.valid[:, :, NOW])[:, None].expand_as(near)      # [B, R, A]
-        goals.append(torch.stack([near[scored].float().sum(), scored.float().sum()]))   # [2]
-    result = wm.dataset_means({k: torch.cat([p[k] for p in per_scene]) for k in per_scene[0]})
-    g = torch.stack(goals).sum(0)                                                 # [2]
-    result.update(goal_rate=(g[0] / g[1].clamp(min=1)).item(), scenarios_per_s=scenes.B * R / rollout_s,
-                  rollout_s=rollout_s, n_scenes=scenes.B, rollouts=R)
-    return result
-
-
 def load_policy(path, device="cpu") -> tuple:
     """(policy in eval mode, SpacerConfig) from a policy.pt written by train.py --stage spacer."""
     if not os.path.isfile(path):

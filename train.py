@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import evaluate as E
 import reference_model as RM
 import scenes as S
 from scenes import DT, NOW, T, Scenes
@@ -145,60 +146,20 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
 # --------------------------------------------------------------------------------------------
 # Evaluation: rollouts scored by the WOSAC realism metric
 # --------------------------------------------------------------------------------------------
-def evaluate_rollouts(scenes: Scenes, fut_pos, fut_z, fut_yaw) -> dict:
-    """Dataset means of the WOSAC metrics of R rollouts per scene: fut_pos [B, R, A, 80, 2],
-    fut_z / fut_yaw [B, R, A, 80]. The hook every method's results go through."""
-    import wosac_metrics as wm
-    per_scene = [wm.score_rollouts(scenes.select([b]), fut_pos[b:b + 1], fut_z[b:b + 1], fut_yaw[b:b + 1])
-                 for b in range(scenes.B)]               # one scene at a time bounds memory at R = 32
-    return wm.dataset_means({k: torch.cat([d[k] for d in per_scene]) for k in per_scene[0]})
-
-
-def constant_velocity(scenes: Scenes, R: int) -> tuple:
-    """Controlled agents keep their step-10 velocity and heading; others replay the log.
-    Returns fut_pos [B, R, A, 80, 2], fut_z, fut_yaw [B, R, A, 80]."""
-    t = DT * torch.arange(1, T - NOW, device=scenes.device, dtype=torch.float32)  # [80]
-    pos = scenes.pos[:, :, NOW, None] + scenes.vel[:, :, NOW, None] * t[:, None]  # [B, A, 80, 2]
-    ctrl = scenes.controlled[..., None]                                        # [B, A, 1]
-    pos = torch.where(ctrl[..., None], pos, scenes.pos[:, :, NOW + 1:])        # [B, A, 80, 2]
-    yaw = torch.where(ctrl, scenes.yaw[:, :, NOW, None].expand_as(pos[..., 0]), scenes.yaw[:, :, NOW + 1:])  # [B, A, 80]
-    z = scenes.z[:, :, NOW, None].expand_as(yaw)                               # [B, A, 80]
-    rep = lambda x: x[:, None].expand(-1, R, *([-1] * (x.dim() - 1)))
-    return rep(pos), rep(z), rep(yaw)
-
-
-def evaluate_model(model, tok, scenes: Scenes, cfg: ReferenceStageConfig, seed: int) -> tuple:
-    """(metrics, rollout scenarios per second) of R sampled rollouts per scene."""
+def evaluate_model(model, tok, scenes: Scenes, cfg: ReferenceStageConfig, seed: int) -> dict:
+    """WOSAC metrics, goal rate and rollout scenarios per second of R sampled rollouts per scene."""
     gen = torch.Generator(device=scenes.device).manual_seed(seed)
-    t0 = time.perf_counter()
-    out = RM.rollout(model, tok, scenes, R=cfg.eval_R, top_k=cfg.eval_top_k, temperature=cfg.eval_temperature,
-                     generator=gen, batch_worlds=cfg.eval_worlds)
-    if scenes.device.type == "cuda":
-        torch.cuda.synchronize()
-    speed = scenes.B * cfg.eval_R / (time.perf_counter() - t0)
-    traj = out["traj"]                                                         # [B, R, A, 80, 3]
-    return evaluate_rollouts(scenes, traj[..., :2], out["z"], traj[..., 2]), speed
 
-
-TABLE_KEYS = ("realism_meta", "kinematic", "interactive", "map_based", "min_ade", "collision_rate", "offroad_rate")
-
-
-def format_table(results: dict) -> str:
-    lines = ["| method | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 1) + "|"]
-    for name, m in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in TABLE_KEYS) + " |")
-    return "\n".join(lines)
+    def roll(s, R):
+        out = RM.rollout(model, tok, s, R=R, top_k=cfg.eval_top_k, temperature=cfg.eval_temperature,
+                         generator=gen, batch_worlds=cfg.eval_worlds)
+        return out["traj"][..., :2], out["z"], out["traj"][..., 2]              # [B, R, A, 80, 2], [B, R, A, 80] x2
+    return E.score_method(roll, scenes, cfg.eval_R, batch=scenes.B)
 
 
 # --------------------------------------------------------------------------------------------
 # The reference stage
 # --------------------------------------------------------------------------------------------
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def validate(model, data: Scenes, enc: dict, cfg: ReferenceStageConfig, device) -> tuple:
     """Teacher-forced BC loss (with the training smoothing) and token accuracy on held-out scenes."""
@@ -246,7 +207,7 @@ def train_phase(phase: str, model, tok, opt, data: dict, enc: dict, cfg: Referen
         entry = dict(epoch=epoch + 1, train_loss=sums["loss"] / n_batches, train_acc=sums["acc"] / n_batches,
                      val_loss=val_loss, val_acc=val_acc, train_s=train_s, train_cpu_s=train_cpu_s)
         log[phase] = [e for e in log.get(phase, []) if e["epoch"] <= epoch] + [entry]
-        write_json(log_path, log)  # first the log: a resume drops log entries past the checkpoint's epoch
+        E.write_json(log_path, log)  # first the log: a resume drops log entries past the checkpoint's epoch
         RM.save_checkpoint(ckpt, model, tok, stage_cfg=asdict(cfg), optimizer=opt.state_dict(), epoch=epoch + 1,
                            phase=phase)
         print(f"{phase} epoch {epoch + 1}/{epochs}: train loss {entry['train_loss']:.3f} acc {entry['train_acc']:.3f} | "
@@ -337,19 +298,17 @@ def stage_reference(args) -> dict:
 
     # ---- evaluation on held-out scenes -------------------------------------------------------
     test = data["test"].to(device)
-    results, speeds = {}, {}
+    results = {}
     t0 = time.perf_counter()
-    results["constant velocity"] = evaluate_rollouts(test, *constant_velocity(test, cfg.eval_R))
+    results["constant velocity"] = E.score_method(E.constant_velocity, test, cfg.eval_R, batch=test.B)
     for name, path in (("BC", bc_path), ("CAT-K", catk_path)):
         m, _, _ = RM.load_reference(path, device)
-        results[name], speeds[name] = evaluate_model(m, tok, test, cfg, seed=cfg.seed)
-    log["eval"] = dict(results=results, rollout_scenarios_per_s=speeds, eval_s=time.perf_counter() - t0,
-                       R=cfg.eval_R, n_test=test.B)
+        results[name] = dict(evaluate_model(m, tok, test, cfg, seed=cfg.seed), params=m.n_params)
+    log["eval"] = dict(results=results, eval_s=time.perf_counter() - t0, R=cfg.eval_R, n_test=test.B)
     log["total_s_this_run"] = time.perf_counter() - t_start
-    write_json(log_path, log)
+    E.write_json(log_path, log)
     print(f"\nheld-out toy test scenes: {test.B}, {cfg.eval_R} rollouts each (WOSAC 2025 weights)")
-    print(format_table(results))
-    print("rollout speed (scenarios/s): " + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items()))
+    print(E.format_table(results))
     print(f"checkpoints: {bc_path}, {catk_path}\nlog and results: {log_path}")
     print(f"stage time: {log['total_s_this_run']:.0f} s")
     return results
@@ -465,10 +424,10 @@ def stage_spacer(args) -> dict:
     policy.eval()
     torch.manual_seed(cfg.seed)
     timing = {}
-    log["eval"] = PA.evaluate(lambda s, R: PA.policy_rollout(policy, s, R, tok.table, cfg, timing), test,
-                              cfg.eval_rollouts, cfg.eval_batch, progress=True)
+    log["eval"] = E.score_method(lambda s, R: PA.policy_rollout(policy, s, R, tok.table, cfg, timing), test,
+                                 cfg.eval_rollouts, cfg.eval_batch, progress=True)
     log["eval"]["policy_only_scenarios_per_s"] = n_test * cfg.eval_rollouts / timing["policy_s"]
-    write_json(log_path, log)
+    E.write_json(log_path, log)
     ref_log = spacer_dir / "reference" / "log.json"
     fresh = ref_log.is_file() and ref_log.stat().st_mtime > ref_path.stat().st_mtime
     if not fresh or json.loads(ref_log.read_text())["eval"]["n_scenes"] != n_test:
@@ -478,7 +437,7 @@ def stage_spacer(args) -> dict:
             return out["traj"][..., :2], out["z"], out["traj"][..., 2]
         torch.manual_seed(cfg.seed)
         (spacer_dir / "reference").mkdir(parents=True, exist_ok=True)
-        write_json(ref_log, dict(reference=str(ref_path), n_params=ref.n_params, eval=PA.evaluate(
+        E.write_json(ref_log, dict(reference=str(ref_path), n_params=ref.n_params, eval=E.score_method(
             ref_rollout, test, cfg.eval_rollouts, cfg.eval_batch, progress=True)))
     print(f"\nheld-out toy test scenes: {n_test}, {cfg.eval_rollouts} rollouts each (WOSAC 2025 weights)")
     print(spacer_table(spacer_dir))
@@ -547,7 +506,7 @@ def stage_r1(args) -> dict:
         log["wall_s"][name] = log["wall_s"].get(name, 0.0) + time.perf_counter() - t0
         cpu = log.setdefault("cpu_s", {})
         cpu[name] = cpu.get(name, 0.0) + time.process_time() - c0
-        write_json(log_path, log)
+        E.write_json(log_path, log)
         return out
 
     def catk(name: str, init: Path, epochs: int) -> Path:
@@ -583,7 +542,7 @@ def stage_r1(args) -> dict:
                 RM.save_checkpoint(path, model, tok, r1_cfg=asdict(rcfg), optimizer=opt.state_dict(), step=step,
                                    history=history, tau=tau)
                 log[f"rft_{kind}"] = history
-                write_json(log_path, log)
+                E.write_json(log_path, log)
             R1.train_rft(model, R1.frozen_copy(load(sft1)), tok, get_batch, n_train, rcfg, tau, opt,
                          ck["step"] if ck else 0, ck["history"] if ck else [], save)
         return path
@@ -602,7 +561,7 @@ def stage_r1(args) -> dict:
     def evaluate(name: str, path: Path) -> None:
         if name not in log["eval"]:             # one sampling seed for every model: common random numbers
             reuse = ref_eval.get("results", {}).get(known.get(path))
-            log["eval"][name] = reuse or evaluate_model(load(path), tok, test, eval_cfg, seed=ref_cfg.seed)[0]
+            log["eval"][name] = reuse or evaluate_model(load(path), tok, test, eval_cfg, seed=ref_cfg.seed)
             print(f"{name}: realism meta {log['eval'][name]['realism_meta']:.4f}" + (" (reference stage's)" if reuse else ""))
 
     # ---- the schedule --------------------------------------------------------------------------
@@ -612,7 +571,7 @@ def stage_r1(args) -> dict:
         tau = cfg.tau if cfg.tau is not None else timed("tau", lambda: R1.measure_tau(load(sft1), tok, get_batch,
                                                                                          n_train, cfg))
         log["tau"] = tau
-        write_json(log_path, log)
+        E.write_json(log_path, log)
     tau = log["tau"]
     print(f"tau = {tau:.4f} ({'given' if cfg.tau is not None else 'SFT-1 mean reward on training scenes'}, "
           f"M={cfg.M} rollouts in {cfg.groups} group(s))")
@@ -630,7 +589,7 @@ def stage_r1(args) -> dict:
     # ---- tables ----------------------------------------------------------------------------------
     print(f"\nheld-out toy test scenes: {test.B}, {cfg.eval_R} rollouts each (WOSAC 2025 weights), seed {cfg.seed}")
     rows = [n for n in R1_ROWS if n in log["eval"]]
-    print(format_table({n: log["eval"][n] for n in rows}))
+    print(E.format_table({n: log["eval"][n] for n in rows}))
     for kind in variants:
         h = log[f"rft_{kind}"]
         k = max(1, len(h) // 4)
@@ -643,7 +602,7 @@ def stage_r1(args) -> dict:
     seeds = [{n: e[n] for n in R1_ROWS if n in e} for e in seeds]
     if len(seeds) > 1:
         print(f"\nmean +- std over {len(seeds)} seeds (runs/r1/seed*):")
-        print(R1.summary_table(seeds, TABLE_KEYS))
+        print(R1.summary_table(seeds, E.TABLE_KEYS))
     print(f"checkpoints: {out_dir}/*.pt\nlog and results: {log_path}")
     return log["eval"]
 
@@ -651,7 +610,16 @@ def stage_r1(args) -> dict:
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
-STAGES = {"reference": stage_reference, "spacer": stage_spacer, "r1": stage_r1}
+def stage_eval(args) -> dict:
+    """Every method side by side (evaluate.run_eval): the held-out toy test scenes and the real
+    WOMD examples where present, R = 32 rollouts each; runs/eval/results.{md,json} and pictures.
+    A method whose checkpoint is missing is listed as missing. --quick scores 4 toy scenes x 4."""
+    device = pick_device(args.device)
+    q = dict(R=4, n_test=4) if args.quick else {}
+    return E.run_eval(args.runs, device, seed=args.seed, **q)
+
+
+STAGES = {"reference": stage_reference, "spacer": stage_spacer, "r1": stage_r1, "eval": stage_eval}
 ORDER = ("reference", "spacer", "r1", "eval")
 
 
@@ -674,13 +642,14 @@ def main(argv=None) -> int:
     if unknown:
         print(f"train.py: unknown stage {unknown[0]!r}; choose one of {', '.join(ORDER)} or all", file=sys.stderr)
         return 2
-    missing = [s for s in todo if s not in STAGES]
-    if missing:
-        print(f"train.py: stage(s) {', '.join(missing)} not implemented yet (available: {', '.join(STAGES)})",
-              file=sys.stderr)
-        return 2
+    if args.stage == "all":
+        args.resume = True                 # the main job picks up whatever an earlier run finished
     for stage in todo:
-        STAGES[stage](args)
+        if stage == "spacer" and args.stage == "all":  # the table's three rows: two baselines and SPACeR
+            for anchor in ("ppo", "hr-ppo", "spacer"):
+                stage_spacer(argparse.Namespace(**{**vars(args), "anchor": anchor}))
+        else:
+            STAGES[stage](args)
     return 0
 
 

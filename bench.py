@@ -23,13 +23,9 @@ from pathlib import Path
 import torch
 
 import wosac_metrics as wm
+from evaluate import sync
 from env import EnvConfig, MultiAgentEnv
 from scenes import make_toy_scenes, find_womd_examples, load_womd_dir
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def bench_env(scenes, table, observe: bool, device, repeats: int = 2) -> dict:
@@ -60,58 +56,66 @@ def bench_metric(scenes, R: int = 32) -> float:
 
 
 def bench_rollouts(runs: Path, scenes, R: int, device) -> dict:
-    """Reference (CAT-K) vs SPACeR policy rollouts at the same batch of scenes x R."""
+    """Reference (CAT-K) vs SPACeR policy rollouts of the same scenes x R worlds: scenarios (one
+    8 s rollout of one scene) per second, whole closed loop (the policy's includes the simulator
+    that makes its observations) and, for the policy, its forward passes alone."""
     out = {}
     ref_path = runs / "reference" / "catk.pt"
-    if ref_path.is_file():
-        import reference_model as RM
-        model, tok, _ = RM.load_reference(ref_path, device)
-        gen = torch.Generator(device=device).manual_seed(0)
+    if not ref_path.is_file():
+        return out
+    import reference_model as RM
+    model, tok, _ = RM.load_reference(ref_path, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    RM.rollout(model, tok, scenes.select([0]), R=2, generator=gen)            # warm-up
+    sync(device); t0 = time.perf_counter()
+    RM.rollout(model, tok, scenes, R=R, generator=gen, batch_worlds=scenes.B * R)
+    sync(device)
+    out["reference"] = dict(scenarios_per_s=scenes.B * R / (time.perf_counter() - t0), params=model.n_params)
+    pol_path = runs / "spacer" / "spacer" / "policy.pt"
+    if pol_path.is_file():
+        import ppo_anchor as PA
+        policy, cfg = PA.load_policy(pol_path, device)
+        timing = {}
         sync(device); t0 = time.perf_counter()
-        RM.rollout(model, tok, scenes, R=R, generator=gen)
+        PA.policy_rollout(policy, scenes, R, tok.table, cfg, timing)
         sync(device)
-        out["reference"] = dict(scenarios_per_s=scenes.B * R / (time.perf_counter() - t0), params=model.n_params())
-        pol_path = runs / "spacer" / "spacer" / "policy.pt"
-        if pol_path.is_file():
-            import ppo_anchor as PA
-            policy, cfg = PA.load_policy(pol_path, device)
-            sync(device); t0 = time.perf_counter()
-            PA.policy_rollout(policy, scenes, R, tok.table.to(device), cfg)
-            sync(device)
-            out["spacer"] = dict(scenarios_per_s=scenes.B * R / (time.perf_counter() - t0),
-                                 params=PA.count_parameters(policy))
+        out["spacer"] = dict(scenarios_per_s=scenes.B * R / (time.perf_counter() - t0),
+                             policy_only_scenarios_per_s=scenes.B * R / timing["policy_s"],
+                             params=PA.count_parameters(policy))
     return out
 
 
-def training_speeds(runs: Path) -> dict:
-    """Training throughput per stage, as each stage logged it."""
-    out = {}
-    for log in sorted(runs.glob("**/log.json")):
-        try:
-            d = json.loads(log.read_text())
-        except json.JSONDecodeError:
-            continue
-        speeds = [v for k, v in _walk(d) if "per_s" in k or k in ("sps", "steps_per_s")]
-        if speeds:
-            out[str(log.parent.relative_to(runs))] = sum(speeds) / len(speeds)
-    return out
-
-
-def _walk(d, key=""):
-    if isinstance(d, dict):
-        for k, v in d.items():
-            yield from _walk(v, k)
-    elif isinstance(d, list):
-        for v in d:
-            yield from _walk(v, key)
-    elif isinstance(d, (int, float)):
-        yield key, float(d)
+def training_speeds(runs: Path) -> list:
+    """Training throughput per stage, from the figures each stage logged (rows of (what, value))."""
+    def read(p):
+        return json.loads(p.read_text()) if p.is_file() else {}
+    rows = []
+    ref = read(runs / "reference" / "log.json")
+    n_train = ref.get("config", {}).get("n_train")
+    for phase in ("bc", "catk"):
+        ep = ref.get(phase, [])
+        if ep and n_train:
+            rate = n_train * len(ep) / sum(e["train_s"] for e in ep)
+            rows.append((f"training, reference {phase.upper()} ({runs}/reference/log.json)", f"{rate:.1f} scenes/s"))
+    for p in sorted((runs / "spacer").glob("*/log.json")):
+        d = read(p)
+        if "train_sps" in d:
+            rows.append((f"training, spacer {p.parent.name} ({p})", f"{d['train_sps']:,.0f} agent-steps/s"))
+    for p in sorted((runs / "r1").glob("seed*/log.json")):
+        d = read(p)
+        h = d.get("rft_mpo", [])
+        if h:
+            per = d["config"]["scenes_per_step"] * d["config"]["M"]
+            sec = sum(e["rollout_s"] + e["score_s"] + e["update_s"] for e in h) / len(h)
+            rows.append((f"training, r1 RFT (MPO) {p.parent.name} ({p})",
+                         f"{1 / sec:.3f} steps/s ({per / sec:.1f} scored rollouts/s)"))
+    return rows
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--worlds", type=int, default=64, help="toy scenes (worlds) per env benchmark batch")
+    p.add_argument("--worlds", type=int, default=256, help="toy scenes (worlds) per env benchmark batch")
     p.add_argument("--rollout-scenes", type=int, default=8, help="scenes for the rollout comparison (x R = 32)")
     p.add_argument("--runs", default="runs", help="where the stages' checkpoints and logs are")
     p.add_argument("--out", default="runs/bench", help="where bench.json and bench.md go")
@@ -137,12 +141,15 @@ def main(argv=None) -> dict:
     for name, r in roll.items():
         rows.append((f"{name} rollout, {args.rollout_scenes} scenes x 32", f"{r['scenarios_per_s']:.1f} scenarios/s, {r['params']:,} parameters"))
     if len(roll) == 2:
-        rows.append(("policy / reference", f"{roll['spacer']['scenarios_per_s'] / roll['reference']['scenarios_per_s']:.1f}x faster, "
-                     f"{roll['reference']['params'] / roll['spacer']['params']:.1f}x smaller"))
+        sp, rf = roll["spacer"], roll["reference"]
+        rows.append((f"spacer policy forward passes alone, {args.rollout_scenes} scenes x 32",
+                     f"{sp['policy_only_scenarios_per_s']:.1f} scenarios/s"))
+        rows.append(("policy / reference", f"{sp['scenarios_per_s'] / rf['scenarios_per_s']:.1f}x faster with the simulator, "
+                     f"{sp['policy_only_scenarios_per_s'] / rf['scenarios_per_s']:.1f}x policy alone; "
+                     f"{rf['params'] / sp['params']:.1f}x smaller"))
     elif not roll:
         rows.append(("reference vs policy rollout", f"missing: no checkpoints under {args.runs}"))
-    for stage, v in training_speeds(Path(args.runs)).items():
-        rows.append((f"training throughput, {stage} (from its log.json)", f"{v:,.1f} (as logged)"))
+    rows += training_speeds(Path(args.runs))
     md = [f"Device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}); "
           f"command: `{cmd.strip()}`", "", "| figure | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     out = Path(args.out)

@@ -216,6 +216,7 @@ def plot_curves(path, logs: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    logs = {k: {n: ys for n, ys in v.items() if ys} for k, v in logs.items()}
     logs = {k: v for k, v in logs.items() if v}
     if not logs:
         return
@@ -287,16 +288,17 @@ def test_scenes(runs: Path) -> Scenes:
 
 
 def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int | None = None,
-             womd: bool = True, batch: int = 8) -> dict:
-    """Score every method of METHODS on the held-out toy scenes and (where present) the real WOMD
-    examples; write results.md, results.json and the pictures to runs/eval. A method is re-scored
-    only when its checkpoint changed since the last results.json (so `--stage all` resumes)."""
+             womd: bool = True, batch: int = 8, toy: Scenes | None = None) -> dict:
+    """Score every method of METHODS on the held-out toy scenes (`toy`, default the reference
+    stage's test split) and, where present, the real WOMD examples; write results.md, results.json
+    and the pictures to runs/eval. A method is re-scored only when its checkpoint changed since the
+    last results.json (so `--stage all` resumes)."""
     import scenes as S
     runs, device = Path(runs), torch.device(device)
     out_dir = runs / "eval"
     res_path = out_dir / "results.json"
     old = json.loads(res_path.read_text()) if res_path.is_file() else {}
-    suites = {"toy": test_scenes(runs)}
+    suites = {"toy": test_scenes(runs) if toy is None else toy}
     if n_test is not None:
         suites["toy"] = suites["toy"].select(slice(0, n_test))
     root = S.find_womd_examples() if womd else None

@@ -293,3 +293,117 @@ class MultiAgentEnv:
         z is frozen at its step-10 value (the toy world is flat; WOSAC only uses z for ADE)."""
         z = self.s.z[:, :, NOW:NOW + 1].expand(-1, -1, T - NOW - 1)               # [B, A, 80]
         return self.traj_pos[:, :, NOW + 1:], z, self.traj_yaw[:, :, NOW + 1:]
+
+
+# --------------------------------------------------------------------------------------------
+# Report: OMP_NUM_THREADS=1 python env.py --toy 16 --R 8 --seed 0
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def log_replay_events(scenes: Scenes) -> dict:
+    """Replay every agent's log through the env and compare its events with the metric's.
+
+    No agent is controlled, so the env moves every agent along its log; we record the env's
+    collision / off-road flags at steps 11..90. The same flags are computed by wosac_metrics on the
+    logged trajectories themselves (`trajectory_features` with the log as the one rollout).
+    Returns [B, A] bool tensors: `agents` (sim agents: valid at step 10) and, per agent, any event
+    on steps 11..90: env_collision, env_offroad, metric_collision, metric_offroad."""
+    import dataclasses
+    log_only = dataclasses.replace(scenes, controlled=torch.zeros_like(scenes.controlled))
+    env = MultiAgentEnv(log_only, EnvConfig(mode="continuous"))
+    env.reset()
+    no_action = torch.zeros(env.B, env.A, 2, device=env.device)               # [B, A, 2] ignored: nobody is controlled
+    coll, off = [], []
+    for t in range(NOW, T - 1):
+        _, _, info = env.step(no_action)
+        coll.append(info["collided"])                                          # [B, A] at step t + 1
+        off.append(info["offroad"])                                            # [B, A]
+    env_coll = torch.stack(coll, -1)                                           # [B, A, 80]
+    env_off = torch.stack(off, -1)                                             # [B, A, 80]
+
+    f = wm.trajectory_features(scenes, scenes.pos[:, None], scenes.z[:, None], scenes.yaw[:, None],
+                               scenes.valid[:, None])                          # dict of [B, 1, A, 80]
+    valid = f["valid"][:, 0]                                                   # [B, A, 80] logged steps
+    agents = scenes.valid[:, :, NOW]                                           # [B, A] sim agents
+    return dict(agents=agents,
+                env_collision=env_coll.any(-1) & agents, env_offroad=env_off.any(-1) & agents,
+                metric_collision=(f["collision_per_step"][:, 0] & valid).any(-1) & agents,
+                metric_offroad=(f["offroad_per_step"][:, 0] & valid).any(-1) & agents)
+
+
+@torch.no_grad()
+def human_driver_spread(scenes: Scenes, R: int, seed: int) -> dict:
+    """The toy human driver re-run closed loop from step 10, R times per scene with new noise
+    (evaluate.human_driver_rollout), scored by WOSAC: dataset means of collision_rate and
+    offroad_rate (fraction of (rollout, scored agent) pairs with any event), min_ade and
+    realism_meta; plus `spread`, the mean over scored agents of the mean distance between two
+    rollouts' final positions (step 90)."""
+    from evaluate import human_driver_rollout
+    pos, z, yaw = human_driver_rollout(scenes, R, seed=seed)                   # [B, R, A, 80, 2], [B, R, A, 80] x2
+    per_scene = [wm.score_rollouts(scenes.select([b]), pos[b:b + 1], z[b:b + 1], yaw[b:b + 1])
+                 for b in range(scenes.B)]                                     # one scene at a time: bounded memory
+    out = wm.dataset_means({k: torch.cat([p[k] for p in per_scene]) for k in per_scene[0]})
+    final = pos[:, :, :, -1].transpose(1, 2)                                   # [B, A, R, 2] step 90
+    pair = torch.cdist(final, final)                                           # [B, A, R, R]
+    mean_pair = pair.sum((-1, -2)) / (R * (R - 1))                             # [B, A] diagonal is 0
+    scored = scenes.eval_mask & scenes.valid[:, :, NOW]                        # [B, A]
+    out["spread"] = mean_pair[scored].mean().item()
+    out["n_agents"] = int(scored.sum())
+    return out
+
+
+def report(argv=None) -> None:
+    """Print the env's sanity numbers as markdown: (a) log replay through the env, its event
+    flags against the metric's on the same logs; (b) the human driver re-run closed loop."""
+    import argparse
+    import sys
+    import time
+    import scenes as S
+    p = argparse.ArgumentParser(description="Log replay events and human-driver rollouts through the env")
+    p.add_argument("--toy", type=int, default=16, help="toy scenes")
+    p.add_argument("--R", type=int, default=8, help="human-driver rollouts per toy scene")
+    p.add_argument("--seed", type=int, default=0, help="toy scenes seed; the driver uses seed + 1")
+    args = p.parse_args(argv)
+    print(f"`OMP_NUM_THREADS=1 python env.py {' '.join(sys.argv[1:] if argv is None else argv)}` "
+          f"(--toy {args.toy} --R {args.R} --seed {args.seed})\n")
+
+    suites = {f"toy ({args.toy} scenes, seed {args.seed})": S.make_toy_scenes(args.toy, seed=args.seed)}
+    root = S.find_womd_examples()
+    if root is None:
+        print("WOMD examples skipped: no folder found (set WOMD_EXAMPLES or add ../shared/data/womd_examples)\n")
+    else:
+        womd = S.load_womd_dir(root)
+        suites[f"WOMD ({womd.B} example scenes)"] = womd
+
+    print("## (a) Log replay: any collision / off-road on steps 11..90, fraction of sim agents\n")
+    print("| scenes | sim agents | collision: env | collision: metric | off-road: env | off-road: metric "
+          "| agents where env != metric (coll / off) | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, sc in suites.items():
+        t0 = time.perf_counter()
+        e = log_replay_events(sc)
+        n = int(e["agents"].sum())
+        rate = lambda k: e[k].sum().item() / n
+        diff = lambda k: int((e["env_" + k] != e["metric_" + k]).sum())
+        print(f"| {name} | {n} | {rate('env_collision'):.4f} | {rate('metric_collision'):.4f} "
+              f"| {rate('env_offroad'):.4f} | {rate('metric_offroad'):.4f} "
+              f"| {diff('collision')} / {diff('offroad')} | {time.perf_counter() - t0:.1f} |")
+
+    toy = next(iter(suites.values()))
+    print(f"\n## (b) Human driver re-run closed loop from step 10, R = {args.R} new seeds per toy scene\n")
+    print("| scenes | scored agents | collision rate | off-road rate | final-position spread (m) "
+          "| minADE (m) | realism meta | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    t0 = time.perf_counter()
+    h = human_driver_spread(toy, args.R, seed=args.seed + 1)
+    print(f"| {next(iter(suites))} | {h['n_agents']} | {h['collision_rate']:.4f} | {h['offroad_rate']:.4f} "
+          f"| {h['spread']:.2f} | {h['min_ade']:.3f} | {h['realism_meta']:.4f} | {time.perf_counter() - t0:.1f} |")
+    print("\n(a) env: the env's per-step flags with every agent replaying its log; metric: "
+          "wosac_metrics.trajectory_features of the log. (b) rates and minADE as score_rollouts "
+          "reports them (mean over scenes; collision / off-road: fraction of (rollout, scored agent) "
+          "pairs with any event; minADE over all 91 steps, history included, as WOSAC defines it); "
+          "spread: mean over scored agents of the mean pairwise distance between the R rollouts' "
+          "positions at step 90.")
+
+
+if __name__ == "__main__":
+    report()

@@ -48,14 +48,15 @@ and enter the loss; the others replay their log.
 Evaluation samples among the top 8 tokens, as the reference's rollouts do (top-1 rollouts have
 no diversity and score far lower on the likelihood-based realism metric).
 
-Policy: GPUDrive's late-fusion MLP (65,801 parameters with one head at K = 200). The ego, the
-partners and the road points each go through Linear-LayerNorm-Tanh-Linear (width 64); partners
-and road points are max-pooled over their masks; the three embeddings are concatenated, mapped
-to 128 hidden units (Linear-Tanh; the Tanh is ours, GPUDrive has a plain Linear there) and read
-by an actor and a critic. Token ids mean different motions for different agent types, so by
-default the actor has one head per agent type (SPACeR's VRU variant, Table A1: .729 with it,
-.685 without): 117,401 parameters at K = 200. `type_heads=False` gives the single-head policy of
-the paper's vehicle-only runs. GPUDrive's 0.01 dropout is left out: it would make the PPO ratio noisy.
+Policy: GPUDrive's late-fusion MLP. The ego, the partners and the road points each go through
+Linear-LayerNorm-Tanh-Linear (width 64); partners and road points are max-pooled over their
+masks; the three embeddings are concatenated, mapped to 64 hidden units (Linear-Tanh; the Tanh
+is ours, GPUDrive has a plain Linear there) and read by an actor and a critic. Token ids mean
+different motions for different agent types, so by default the actor has one head per agent
+type (SPACeR's VRU variant, Table A1: .729 with it, .685 without): 66,585 parameters at K = 200,
+the paper's "about 65k". GPUDrive's 128 hidden units would give 117,401 (`--hidden 128`), and
+`type_heads=False` the single-head policy of the paper's vehicle-only runs.
+GPUDrive's 0.01 dropout is left out: it would make the PPO ratio noisy.
 
 Goal dropout (SPACeR Sec. 3): for a fraction of the agents the goal features of the ego
 observation are zeroed for a whole episode, while the goal reward is still paid, so the policy
@@ -105,10 +106,10 @@ class SpacerConfig:
     num_worlds: int = 16            # worlds (scenes) simulated together per rollout (~10k agent-steps)
     iterations: int = 50            # rollouts + PPO updates
     embed: int = 64                 # width of the ego / partner / road embeddings
-    hidden: int = 128               # width of the fused hidden layer
+    hidden: int = 64                # width of the fused hidden layer (64: ~67k parameters, the paper's ~65k)
     type_heads: bool = True         # one actor head per agent type (else one shared head)
     # HR-PPO's behaviour-cloned policy
-    bc_hidden: int = 256            # 2x the policy's hidden width
+    bc_hidden: int = 128            # 2x the policy's hidden width
     bc_scenes: int = 64             # training scenes replayed to make BC data
     bc_epochs: int = 8              # passes over the BC data
     # evaluation
@@ -159,7 +160,7 @@ def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class LateFusionPolicy(nn.Module):
     """pi(a | o) over the K tokens of the agent's type, and V(o)."""
 
-    def __init__(self, K: int, embed: int = 64, hidden: int = 128, type_heads: bool = True):
+    def __init__(self, K: int, embed: int = 64, hidden: int = 64, type_heads: bool = True):
         super().__init__()
         self.K, self.n_heads = K, N_TYPES if type_heads else 1
         self.ego_net = embed_mlp(EGO_DIM, embed)

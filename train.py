@@ -368,7 +368,7 @@ def stage_spacer(args) -> dict:
     data = load_splits(ref_stage)                   # the reference's own training logs and test scenes
 
     # ---- configuration, run folder, resume ----------------------------------------------------
-    overrides = {k: getattr(args, k) for k in ("alpha", "beta", "iterations") if getattr(args, k, None) is not None}
+    overrides = {k: getattr(args, k) for k in ("alpha", "beta", "iterations", "hidden") if getattr(args, k, None) is not None}
     cfg = PA.anchor_config(anchor, seed=args.seed, **(SPACER_QUICK if args.quick else {}), **overrides)
     name = anchor + "".join(f"_{k}{v:g}" for k, v in overrides.items())
     spacer_dir = Path(args.runs) / "spacer"
@@ -635,6 +635,7 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=None, help="spacer stage: likelihood-reward weight (ablations)")
     p.add_argument("--beta", type=float, default=None, help="spacer stage: KL-to-reference weight (ablations)")
     p.add_argument("--iterations", type=int, default=None, help="spacer stage: PPO iterations (default: config)")
+    p.add_argument("--hidden", type=int, default=None, help="spacer stage: the policy's fused hidden width (default: config)")
     p.add_argument("--variants", action="store_true", help="r1 stage: also RFT with GRPO-style and no-KL advantages")
     args = p.parse_args(argv)
     todo = list(ORDER) if args.stage == "all" else [args.stage]

@@ -66,10 +66,14 @@ def test_gae_matches_hand_computation():
 
 
 def test_policy_size_heads_and_init():
-    one = pa.LateFusionPolicy(200, type_heads=False)
+    one = pa.LateFusionPolicy(200, hidden=128, type_heads=False)
     emb = lambda d: d * 64 + 64 + 2 * 64 + 64 * 64 + 64              # Linear, LayerNorm, Linear
-    backbone = emb(EGO_DIM) + emb(PARTNER_DIM) + emb(ROAD_DIM) + 192 * 128 + 128
-    assert pa.count_parameters(one) == backbone + 128 * 200 + 200 + 129
+    encoders = emb(EGO_DIM) + emb(PARTNER_DIM) + emb(ROAD_DIM)
+    assert pa.count_parameters(one) == encoders + 192 * 128 + 128 + 128 * 200 + 200 + 129
+    # the default: 64 hidden units and one head per agent type, about the paper's 65k
+    default = pa.count_parameters(pa.LateFusionPolicy(200))
+    assert default == encoders + 192 * 64 + 64 + 3 * (64 * 200 + 200) + 65
+    assert 60_000 < default < 70_000
     multi = pa.LateFusionPolicy(K, type_heads=True)
     obs = dict(ego=torch.randn(2, 4, EGO_DIM), partners=torch.randn(2, 4, 3, PARTNER_DIM),
                partner_mask=torch.rand(2, 4, 3) > 0.3, road=torch.randn(2, 4, 5, ROAD_DIM),

@@ -144,7 +144,8 @@ class MultiAgentEnv:
         self.z = s.z[:, :, start_step].clone()                               # [B, A]
         self.speed = s.vel[:, :, start_step].norm(dim=-1)                    # [B, A]
         self.vel = s.vel[:, :, start_step].clone()                           # [B, A, 2]
-        self.active = s.valid[:, :, start_step].clone()                      # [B, A]
+        self.sim = s.valid[:, :, start_step].clone()                         # [B, A] sim agents (WOSAC): valid at the start
+        self.active = self.sim.clone()                                       # [B, A]
         self.goal_reached = torch.zeros_like(self.active)                    # [B, A]
         self.collided = torch.zeros_like(self.active)                        # [B, A] at the last step
         self.offroad = torch.zeros_like(self.active)                         # [B, A] at the last step
@@ -196,10 +197,12 @@ class MultiAgentEnv:
             self.speed = torch.where(ctrl, new_speed, self.speed)
         self.z = torch.where(ctrl, self.z, s.z[:, :, t])                     # [B, A]
         self.pos, self.yaw, self.t = pos, torch.where(ctrl, new_yaw, log_yaw), t
-        self.active = ctrl | s.valid[:, :, t]                                # [B, A]
+        # objects absent at the start are absent from the whole episode, as in the metric's scenes
+        was_active, self.active = self.active, (ctrl | s.valid[:, :, t]) & self.sim  # [B, A]
         self.traj_pos[:, :, t] = self.pos
         self.traj_yaw[:, :, t] = self.yaw
-        if self.t % self.cfg.refresh_every == 0:
+        # a replayed agent reappearing after a gap in its log may be far from its stale road pool
+        if self.t % self.cfg.refresh_every == 0 or bool((self.active & ~was_active).any()):
             self._refresh_pools()
         newly = self._events()
         cfg = self.cfg
@@ -363,10 +366,13 @@ def report(argv=None) -> None:
     p.add_argument("--R", type=int, default=8, help="human-driver rollouts per toy scene")
     p.add_argument("--seed", type=int, default=0, help="toy scenes seed; the driver uses seed + 1")
     args = p.parse_args(argv)
-    print(f"`OMP_NUM_THREADS=1 python env.py {' '.join(sys.argv[1:] if argv is None else argv)}` "
+    given = sys.argv[1:] if argv is None else list(argv)
+    print(f"`OMP_NUM_THREADS=1 python {' '.join(['env.py'] + given)}` "
           f"(--toy {args.toy} --R {args.R} --seed {args.seed})\n")
 
-    suites = {f"toy ({args.toy} scenes, seed {args.seed})": S.make_toy_scenes(args.toy, seed=args.seed)}
+    toy_name = f"toy ({args.toy} scenes, seed {args.seed})"
+    toy = S.make_toy_scenes(args.toy, seed=args.seed)
+    suites = {toy_name: toy}
     root = S.find_womd_examples()
     if root is None:
         print("WOMD examples skipped: no folder found (set WOMD_EXAMPLES or add ../shared/data/womd_examples)\n")
@@ -388,14 +394,13 @@ def report(argv=None) -> None:
               f"| {rate('env_offroad'):.4f} | {rate('metric_offroad'):.4f} "
               f"| {diff('collision')} / {diff('offroad')} | {time.perf_counter() - t0:.1f} |")
 
-    toy = next(iter(suites.values()))
     print(f"\n## (b) Human driver re-run closed loop from step 10, R = {args.R} new seeds per toy scene\n")
     print("| scenes | scored agents | collision rate | off-road rate | final-position spread (m) "
           "| minADE (m) | realism meta | s |")
     print("|---|---|---|---|---|---|---|---|")
     t0 = time.perf_counter()
     h = human_driver_spread(toy, args.R, seed=args.seed + 1)
-    print(f"| {next(iter(suites))} | {h['n_agents']} | {h['collision_rate']:.4f} | {h['offroad_rate']:.4f} "
+    print(f"| {toy_name} | {h['n_agents']} | {h['collision_rate']:.4f} | {h['offroad_rate']:.4f} "
           f"| {h['spread']:.2f} | {h['min_ade']:.3f} | {h['realism_meta']:.4f} | {time.perf_counter() - t0:.1f} |")
     print("\n(a) env: the env's per-step flags with every agent replaying its log; metric: "
           "wosac_metrics.trajectory_features of the log. (b) rates and minADE as score_rollouts "

@@ -249,6 +249,11 @@ def stage_reference(args) -> dict:
         for stale in (bc_path, catk_path):
             stale.unlink(missing_ok=True)
     log = json.loads(log_path.read_text()) if resume_from is not None and log_path.is_file() else {}
+    if resume_from == catk_path and ck["epoch"] >= cfg.catk_epochs and "eval" in log \
+            and log_path.stat().st_mtime >= catk_path.stat().st_mtime:
+        print(f"--resume: {out_dir} is complete (BC, CAT-K and their evaluation); nothing to do")
+        print(E.format_table(log["eval"]["results"]))
+        return log["eval"]["results"]
     log["config"] = asdict(cfg)
     t_start = time.perf_counter()
 
@@ -385,6 +390,12 @@ def stage_spacer(args) -> dict:
     if state is None:  # a fresh run never mixes with checkpoints of an earlier one
         for stale in (policy_path, bc_path, log_path):
             stale.unlink(missing_ok=True)
+    if state is not None and state["iteration"] >= cfg.iterations and log_path.is_file():
+        done = json.loads(log_path.read_text())
+        if "eval" in done:
+            print(f"--resume: {out_dir} is complete (training and evaluation); nothing to do")
+            print(spacer_table(spacer_dir))
+            return done["eval"]
     log = dict(config=asdict(cfg), reference=str(ref_path))
 
     # ---- the training logs as tokens; the frozen reference as a (scenes, ids, id_valid) callable --

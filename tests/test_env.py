@@ -7,7 +7,8 @@ import torch
 
 import wosac_metrics as wm
 from env import EnvConfig, MultiAgentEnv, apply_local, bicycle_step, EGO_DIM, PARTNER_DIM, ROAD_DIM
-from scenes import LANE, ROAD_EDGE, T, NOW, collate, polylines_to_segments, scene_from_numpy
+from scenes import (LANE, ROAD_EDGE, T, NOW, collate, find_womd_examples, load_womd_dir, polylines_to_segments,
+                    scene_from_numpy)
 
 
 def straight_road_scene(agents_xyv, yaw=None, controlled=None, length=4.5, width=2.0, name="road"):
@@ -164,3 +165,45 @@ def test_batched_worlds_are_independent():
         env_a.step(torch.tensor([[2, 3]]))
     assert torch.allclose(env.traj_pos[0], env_a.traj_pos[0])
     assert not env.active[1, 1]  # padding agent never becomes active
+
+
+def test_log_replay_events_match_the_metric_on_clean_and_broken_logs():
+    """env.log_replay_events (the core of `python env.py`): replaying clean toy logs through the
+    env flags no collision and no off-road, as the metric finds on the same logs; and when a log is
+    broken on purpose (one agent driven into another, one drifting sideways out of the road) the
+    env and the metric flag exactly the same agents."""
+    import dataclasses
+    from env import log_replay_events
+    from scenes import make_toy_scenes
+    scenes = make_toy_scenes(2, seed=0)
+    e = log_replay_events(scenes)
+    n = int(e["agents"].sum())
+    assert n > 0
+    rates = {k: e[k].sum().item() / n for k in ("env_collision", "env_offroad", "metric_collision", "metric_offroad")}
+    assert rates == {"env_collision": 0.0, "env_offroad": 0.0, "metric_collision": 0.0, "metric_offroad": 0.0}
+
+    # break scene 0's log: agent 1 sits 0.5 m behind agent 0 from step 60, agent 2 drifts 40 m left
+    pos, yaw = scenes.pos.clone(), scenes.yaw.clone()
+    pos[0, 1, 60:] = scenes.pos[0, 0, 60:] - 0.5 * torch.stack([scenes.yaw[0, 0, 60:].cos(), scenes.yaw[0, 0, 60:].sin()], -1)
+    yaw[0, 1, 60:] = scenes.yaw[0, 0, 60:]
+    drift = torch.linspace(0.0, 40.0, T - 40)                                   # [51] m
+    left = torch.stack([-scenes.yaw[0, 2, 40:].sin(), scenes.yaw[0, 2, 40:].cos()], -1)  # [51, 2]
+    pos[0, 2, 40:] = scenes.pos[0, 2, 40:] + drift[:, None] * left
+    broken = dataclasses.replace(scenes, pos=pos, yaw=yaw)
+    e = log_replay_events(broken)
+    assert e["metric_collision"][0, :2].all() and e["metric_offroad"][0, 2]
+    assert torch.equal(e["env_collision"], e["metric_collision"])
+    assert torch.equal(e["env_offroad"], e["metric_offroad"])
+
+
+@pytest.mark.skipif(find_womd_examples() is None,
+                    reason="WOMD example scenes not found (set WOMD_EXAMPLES or provide ../shared/data/womd_examples)")
+def test_log_replay_on_real_scenes_flags_what_the_metric_flags():
+    """Real logs do contain collisions and off-road boxes (parked cars on the kerb): the env must
+    flag exactly the agents the metric flags, including agents with gaps in their logs (the road
+    pool is refreshed when they reappear) and ignoring objects absent at step 10 (not sim agents)."""
+    from env import log_replay_events
+    e = log_replay_events(load_womd_dir(find_womd_examples()))
+    assert e["metric_offroad"].any() and e["metric_collision"].any()
+    assert torch.equal(e["env_collision"], e["metric_collision"])
+    assert torch.equal(e["env_offroad"], e["metric_offroad"])

@@ -38,3 +38,27 @@ def test_run_eval_lists_missing_checkpoints_and_ranks_the_ceiling_above_the_floo
     again = E.run_eval(tmp_path, "cpu", R=4, toy=toy, womd=False)
     assert again["suites"]["toy"]["human driver"] == table["human driver"]
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["R"] == 4
+
+
+def test_human_driver_outscores_constant_velocity_and_random_tokens():
+    """The realism ceiling on toy scenes: the driver that wrote the logs, re-run with new seeds,
+    scores above constant velocity and above agents that pick uniformly random motion tokens."""
+    from env import EnvConfig, MultiAgentEnv
+    from tokenizer import MotionTokenizer, TokenizerConfig
+    scenes = make_toy_scenes(3, seed=7)
+    tok = MotionTokenizer.fit(make_toy_scenes(4, seed=8), TokenizerConfig(K=32, steps_per_token=2))
+    gen = torch.Generator().manual_seed(0)
+
+    def random_tokens(s, R):
+        worlds = s.repeat(R)
+        env = MultiAgentEnv(worlds, EnvConfig(mode="token"), token_table=tok.table)
+        env.reset()
+        for _ in range(40):                                                   # 80 steps of 0.2 s tokens
+            env.step(torch.randint(0, 32, (worlds.B, worlds.A), generator=gen))  # [B*R, A]
+        return tuple(x.unflatten(0, (s.B, R)) for x in env.rollout_future())  # [B, R, A, 80, ...]
+
+    R = 4
+    human = E.score_method(E.human_driver_rollout, scenes, R, batch=3)["realism_meta"]
+    cv = E.score_method(E.constant_velocity, scenes, R, batch=3)["realism_meta"]
+    rnd = E.score_method(random_tokens, scenes, R, batch=3)["realism_meta"]
+    assert human > cv and human > rnd + 0.2

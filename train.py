@@ -1,17 +1,24 @@
 """The one entry point: python train.py --stage reference|spacer|r1|eval|all
 
-Each stage is a plain function `stage_<name>(args)`. Implemented so far:
+Each stage is a plain function `stage_<name>(args)` that reads like its paper's algorithm:
+data, model, loop, log. Every stage writes checkpoints atomically, keeps a JSON log, continues
+with --resume (and does nothing when its work is complete), and prints where its files went.
 
-reference  The centralized next-token reference model (reference_model.py) on toy scenes:
-           fit the motion tokenizer on the training split, behaviour cloning (BC), then CAT-K
+reference  The centralized next-token reference model (reference_model.py) on toy scenes: fit
+           the motion tokenizer on the training split, behaviour cloning (BC), then CAT-K
            closed-loop SFT at about 0.1x the BC learning rate, then score constant velocity, BC
            and CAT-K on held-out scenes with R = 32 rollouts each (WOSAC realism meta metric).
-           Checkpoints runs/reference/{bc,catk}.pt are written atomically after every epoch, so
-           `--resume` continues an interrupted run; per-epoch losses and the final table go to
-           runs/reference/log.json.
+           runs/reference/{bc,catk}.pt, log.json.
+spacer     SPACeR (ppo_anchor.py): self-play PPO of a small decentralized policy anchored to the
+           frozen CAT-K reference, or the PPO / HR-PPO baselines (--anchor). runs/spacer/<run>/.
+r1         SMART-R1 (r1_finetune.py): SFT-1, RFT with MPO, SFT-2, and the SFT-SFT control at the
+           same budget (--variants: GRPO-style and no-KL RFT too). runs/r1/seed<S>/.
+eval       Every checkpoint under runs/ on the same held-out toy and real WOMD scenes
+           (evaluate.py): runs/eval/results.{md,json} and pictures.
+all        reference, spacer (PPO, HR-PPO, SPACeR), r1 and eval in order, resuming what exists.
 
-    python train.py --stage reference              # default tutorial scale (~15 min on 2 CPU cores)
-    python train.py --stage reference --quick      # tiny smoke run (~1 min)
+    python train.py --stage all                    # the main job (about 80 min on 2 CPU cores)
+    python train.py --stage all --quick            # a smoke run of the whole pipeline (~5 min)
     python train.py --stage reference --resume     # continue from the last saved epoch
 """
 from __future__ import annotations
@@ -481,7 +488,10 @@ def stage_r1(args) -> dict:
         stage_reference(args)
     ref_cfg = ReferenceStageConfig(**load_checkpoint(bc_path)["stage_cfg"])
     cfg = replace(R1.quick_config() if args.quick else R1.R1Config(), seed=args.seed)
-    out_dir = Path(args.runs) / "r1" / f"seed{cfg.seed}"
+    lr = getattr(args, "rft_lr", None)
+    if lr is not None:                    # a variant of the schedule: its own folder, not one of the seeds
+        cfg = replace(cfg, lr=lr)
+    out_dir = Path(args.runs) / "r1" / (f"seed{cfg.seed}" + ("" if lr is None else f"_lr{lr:g}"))
     log_path = out_dir / "log.json"
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.resume and log_path.is_file():
@@ -609,7 +619,8 @@ def stage_r1(args) -> dict:
               f"{mean('reward', h[-k:]):.4f} (last {k}); KL to SFT-1 {h[-1]['kl']:.4f}")
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in log["wall_s"].items()))
     print("CPU time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in log.get("cpu_s", {}).items()))
-    seeds = [json.loads(p.read_text()).get("eval", {}) for p in sorted((Path(args.runs) / "r1").glob("seed*/log.json"))]
+    seeds = [json.loads(p.read_text()).get("eval", {}) for p in sorted((Path(args.runs) / "r1").glob("seed*/log.json"))
+             if p.parent.name[4:].isdigit()]       # the seeds of the default schedule only
     seeds = [{n: e[n] for n in R1_ROWS if n in e} for e in seeds]
     if len(seeds) > 1:
         print(f"\nmean +- std over {len(seeds)} seeds (runs/r1/seed*):")
@@ -648,6 +659,8 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=None, help="spacer stage: PPO iterations (default: config)")
     p.add_argument("--hidden", type=int, default=None, help="spacer stage: the policy's fused hidden width (default: config)")
     p.add_argument("--variants", action="store_true", help="r1 stage: also RFT with GRPO-style and no-KL advantages")
+    p.add_argument("--rft-lr", type=float, default=None, help="r1 stage: RFT learning rate (default: config); "
+                   "writes runs/r1/seed<S>_lr<LR>")
     args = p.parse_args(argv)
     todo = list(ORDER) if args.stage == "all" else [args.stage]
     unknown = [s for s in todo if s not in ORDER]

@@ -97,9 +97,12 @@ def model_config(cfg: ReferenceStageConfig) -> RM.ReferenceConfig:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    return torch.device(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device is available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device {name!r}: not a device; use auto, cpu or cuda") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -653,7 +656,7 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last saved epoch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes for smoke tests (about a minute)")
-    p.add_argument("--anchor", default="spacer", help="spacer stage: spacer | ppo | hr-ppo")
+    p.add_argument("--anchor", default="spacer", choices=("spacer", "ppo", "hr-ppo"), help="spacer stage: which anchoring")
     p.add_argument("--alpha", type=float, default=None, help="spacer stage: likelihood-reward weight (ablations)")
     p.add_argument("--beta", type=float, default=None, help="spacer stage: KL-to-reference weight (ablations)")
     p.add_argument("--iterations", type=int, default=None, help="spacer stage: PPO iterations (default: config)")

@@ -385,7 +385,7 @@ def stage_spacer(args) -> dict:
     # ---- configuration, run folder, resume ----------------------------------------------------
     overrides = {k: getattr(args, k) for k in ("alpha", "beta", "iterations", "hidden") if getattr(args, k, None) is not None}
     cfg = PA.anchor_config(anchor, seed=args.seed, **(SPACER_QUICK if args.quick else {}), **overrides)
-    name = anchor + "".join(f"_{k}{v:g}" for k, v in overrides.items())
+    name = anchor + "".join(f"_{k}{v:g}" for k, v in overrides.items()) + (f"_seed{args.seed}" if args.seed else "")
     spacer_dir = Path(args.runs) / "spacer"
     out_dir = spacer_dir / name
     policy_path, bc_path, log_path = out_dir / "policy.pt", out_dir / "bc.pt", out_dir / "log.json"

@@ -364,7 +364,7 @@ def stage_spacer(args) -> dict:
     few iterations: --resume continues) and log.json; scores the reference the same way once
     (runs/spacer/reference/log.json); prints the table of every run so far.
 
-        python train.py --stage spacer                          # SPACeR (alpha 0, beta 1)
+        python train.py --stage spacer                          # SPACeR (alpha 0, beta 0.1)
         python train.py --stage spacer --anchor ppo             # task reward only
         python train.py --stage spacer --anchor hr-ppo          # KL to a behaviour-cloned policy
         python train.py --stage spacer --alpha 0.1 --beta 0     # ablation: likelihood reward only

@@ -278,7 +278,7 @@ def rollout_fn(kind: str, path: Path | None, runs: Path, device, seed: int):
     return roll, PA.count_parameters(policy)
 
 
-def test_scenes(runs: Path) -> Scenes:
+def held_out_scenes(runs: Path) -> Scenes:
     """The reference stage's held-out toy test split (the same scenes every stage scored)."""
     import scenes as S
     ck = Path(runs) / "reference" / "bc.pt"
@@ -298,7 +298,7 @@ def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int 
     out_dir = runs / "eval"
     res_path = out_dir / "results.json"
     old = json.loads(res_path.read_text()) if res_path.is_file() else {}
-    suites = {"toy": test_scenes(runs) if toy is None else toy}
+    suites = {"toy": held_out_scenes(runs) if toy is None else toy}
     if n_test is not None:
         suites["toy"] = suites["toy"].select(slice(0, n_test))
     root = S.find_womd_examples() if womd else None

@@ -10,7 +10,7 @@ scenarios per second. Methods:
   samples of the true behaviour distribution (the ceiling on toy scenes);
 - BC and CAT-K: the centralized reference model (`reference_model.py`);
 - PPO, HR-PPO, SPACeR: the decentralized policy (`ppo_anchor.py`);
-- SFT-SFT and SFT-RFT-SFT: SMART-R1's schedule (`r1_finetune.py`).
+- SFT-RFT, SFT-SFT and SFT-RFT-SFT: SMART-R1's schedule (`r1_finetune.py`).
 
 A method whose checkpoint is missing is listed as missing, never silently dropped.
 """
@@ -245,6 +245,7 @@ METHODS = (
     ("PPO", "spacer/ppo/policy.pt", "policy"),
     ("HR-PPO", "spacer/hr-ppo/policy.pt", "policy"),
     ("SPACeR", "spacer/spacer/policy.pt", "policy"),
+    ("SFT-RFT", "r1/seed{seed}/rft_mpo.pt", "reference"),
     ("SFT-SFT", "r1/seed{seed}/sftsft.pt", "reference"),
     ("SFT-RFT-SFT", "r1/seed{seed}/sft2.pt", "reference"),
 )

@@ -251,6 +251,18 @@ METHODS = (
 )
 
 
+def reference_rollout(model, tok, top_k: int = 8, temperature: float = 1.0, batch_worlds: int = 256,
+                      generator=None):
+    """A reference model (reference_model.rollout) as a rollout function for score_method."""
+    import reference_model as RM
+
+    def roll(s, R):
+        out = RM.rollout(model, tok, s, R=R, top_k=top_k, temperature=temperature, generator=generator,
+                         batch_worlds=batch_worlds)
+        return out["traj"][..., :2], out["z"], out["traj"][..., 2]              # [B, R, A, 80, 2], [B, R, A, 80] x2
+    return roll
+
+
 def rollout_fn(kind: str, path: Path | None, runs: Path, device, seed: int):
     """(rollout_fn(scenes, R) -> (pos, z, yaw), parameter count) for one method of METHODS."""
     if kind == "cv":
@@ -262,13 +274,8 @@ def rollout_fn(kind: str, path: Path | None, runs: Path, device, seed: int):
         model, tok, _ = RM.load_reference(path, device)
         stage = torch.load(path, map_location="cpu", weights_only=True).get("stage_cfg", {})
         gen = torch.Generator(device=device).manual_seed(seed)
-
-        def roll(s, R):
-            out = RM.rollout(model, tok, s, R=R, top_k=stage.get("eval_top_k", 8),
-                             temperature=stage.get("eval_temperature", 1.0), generator=gen,
-                             batch_worlds=stage.get("eval_worlds", 256))
-            return out["traj"][..., :2], out["z"], out["traj"][..., 2]          # [B, R, A, 80, 2], [B, R, A, 80] x2
-        return roll, model.n_params
+        return reference_rollout(model, tok, stage.get("eval_top_k", 8), stage.get("eval_temperature", 1.0),
+                                 stage.get("eval_worlds", 256), gen), model.n_params
     import ppo_anchor as PA
     policy, cfg = PA.load_policy(path, device)
     _, tok, _ = RM.load_reference(runs / "reference" / "catk.pt", device)  # the vocabulary the policy acts in

@@ -159,11 +159,7 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
 def evaluate_model(model, tok, scenes: Scenes, cfg: ReferenceStageConfig, seed: int) -> dict:
     """WOSAC metrics, goal rate and rollout scenarios per second of R sampled rollouts per scene."""
     gen = torch.Generator(device=scenes.device).manual_seed(seed)
-
-    def roll(s, R):
-        out = RM.rollout(model, tok, s, R=R, top_k=cfg.eval_top_k, temperature=cfg.eval_temperature,
-                         generator=gen, batch_worlds=cfg.eval_worlds)
-        return out["traj"][..., :2], out["z"], out["traj"][..., 2]              # [B, R, A, 80, 2], [B, R, A, 80] x2
+    roll = E.reference_rollout(model, tok, cfg.eval_top_k, cfg.eval_temperature, cfg.eval_worlds, gen)
     return E.score_method(roll, scenes, cfg.eval_R, batch=scenes.B)
 
 
@@ -452,10 +448,8 @@ def stage_spacer(args) -> dict:
     ref_log = spacer_dir / "reference" / "log.json"
     fresh = ref_log.is_file() and ref_log.stat().st_mtime > ref_path.stat().st_mtime
     if not fresh or json.loads(ref_log.read_text())["eval"]["n_scenes"] != n_test:
-        def ref_rollout(s, R):
-            out = RM.rollout(ref, tok, s, R=R, top_k=ref_stage.eval_top_k, temperature=ref_stage.eval_temperature,
-                             batch_worlds=ref_stage.eval_worlds)
-            return out["traj"][..., :2], out["z"], out["traj"][..., 2]
+        ref_rollout = E.reference_rollout(ref, tok, ref_stage.eval_top_k, ref_stage.eval_temperature,
+                                          ref_stage.eval_worlds)
         torch.manual_seed(cfg.seed)
         (spacer_dir / "reference").mkdir(parents=True, exist_ok=True)
         E.write_json(ref_log, dict(reference=str(ref_path), n_params=ref.n_params, eval=E.score_method(

@@ -464,14 +464,16 @@ def stage_spacer(args) -> dict:
 # --------------------------------------------------------------------------------------------
 # The r1 stage: SMART-R1's SFT-RFT-SFT schedule against SFT-SFT (r1_finetune.py)
 # --------------------------------------------------------------------------------------------
-R1_ROWS = ("BC", "SFT", "SFT-RFT", "SFT-SFT", "SFT-RFT-SFT", "SFT-RFT (GRPO)", "SFT-RFT (no KL)")
+R1_ROWS = ("BC", "SFT", "SFT-RFT", "SFT-SFT", "SFT-RFT-SFT", "SFT-RFT (GRPO)", "SFT-RFT (no KL)",
+           "SFT-SFT (trajectory-matched)")
 
 
 def stage_r1(args) -> dict:
-    """SMART-R1 on the reference's toy scenes: SFT-1 (CAT-K from BC; by default the reference
-    stage's CAT-K model), RFT with MPO against the frozen SFT-1, SFT-2 (CAT-K), and the SFT-SFT
-    control with the same number of trajectories trained on (r1_finetune.rft_epochs); with
-    --variants also RFT with the GRPO-style and the no-KL REINFORCE advantages. Every model is
+    """SMART-R1 on the reference's toy scenes, the paper's split (r1_finetune.schedule): SFT-1 = N
+    CAT-K epochs from BC (the reference stage's CAT-K model when it is exactly that), RFT with MPO
+    against the frozen SFT-1, SFT-2 = N CAT-K epochs, and the control SFT-SFT = SFT-1 + N CAT-K
+    epochs (2N in both arms, the same rate schedule); with --variants also RFT with the GRPO-style
+    and the no-KL REINFORCE advantages, and the trajectory-matched control. Every model is
     scored on the held-out test scenes with eval_R rollouts (one sampling seed for all). Writes
     runs/r1/seed<S>/*.pt and log.json atomically after every epoch / few RFT steps (--resume
     skips finished sub-stages and continues the current one); prints this seed's table and the
@@ -501,7 +503,8 @@ def stage_r1(args) -> dict:
         for stale in out_dir.glob("*.pt"):   # a fresh run never mixes with checkpoints of an earlier one
             stale.unlink()
         log = dict(config=asdict(cfg), reference=str(ref_dir), wall_s={}, eval={})
-    R1.check_config(cfg)
+    variants = ("mpo", "grpo", "reinforce") if getattr(args, "variants", False) else ("mpo",)
+    rft_cfgs = {kind: R1.variant_config(cfg, kind) for kind in variants}   # checked before any training
     torch.manual_seed(cfg.seed)
     data = load_splits(ref_cfg)
     _, tok, _ = RM.load_reference(bc_path, device)
@@ -509,11 +512,10 @@ def stage_r1(args) -> dict:
     n_train = data["train"].B
     sft_cfg = replace(ref_cfg, seed=cfg.seed)            # train_phase's batch size, CAT-K top-k, clip, warm-up
     sft_lr = ref_cfg.catk_lr if cfg.sft_lr is None else cfg.sft_lr
-    epochs_rft = R1.rft_epochs(cfg, n_train)
-    variants = ("mpo", "grpo", "reinforce") if getattr(args, "variants", False) else ("mpo",)
-    print(f"SMART-R1 from {ref_dir}: {n_train} training scenes; RFT {cfg.rft_steps} steps x {cfg.scenes_per_step} "
-          f"scenes x M={cfg.M} rollouts (= {epochs_rft} CAT-K epochs of trajectories); SFT-2 {cfg.sft2_epochs} "
-          f"epoch(s); SFT-SFT control {epochs_rft + cfg.sft2_epochs} epoch(s); device {device}")
+    sched = R1.schedule(cfg, n_train)                  # CAT-K epochs of each SFT phase
+    print(f"SMART-R1 from {ref_dir}: {n_train} training scenes; CAT-K epochs: SFT-1 {sched['sft1']}, SFT-2 "
+          f"{sched['sft2']}, SFT-SFT {sched['sft1']} + {sched['sftsft']}; RFT {cfg.rft_steps} steps x "
+          f"{cfg.scenes_per_step} scenes x M={cfg.M} rollouts in {cfg.groups} set(s); device {device}")
 
     def load(path):
         return RM.load_reference(path, device)[0]
@@ -549,7 +551,7 @@ def stage_r1(args) -> dict:
 
     def rft(kind: str, sft1: Path, tau: float) -> Path:
         """RFT of SFT-1 with the `kind` advantage against the frozen SFT-1."""
-        path, rcfg = out_dir / f"rft_{kind}.pt", replace(cfg, advantage=kind)
+        path, rcfg = out_dir / f"rft_{kind}.pt", rft_cfgs[kind]
         ck = load_checkpoint(path) if path.is_file() else None
         model = load(path if ck else sft1)
         opt = torch.optim.AdamW(model.parameters(), lr=rcfg.lr, weight_decay=rcfg.weight_decay)
@@ -583,7 +585,8 @@ def stage_r1(args) -> dict:
             print(f"{name}: realism meta {log['eval'][name]['realism_meta']:.4f}" + (" (reference stage's)" if reuse else ""))
 
     # ---- the schedule --------------------------------------------------------------------------
-    sft1 = catk_path if cfg.sft1_epochs == 0 else timed("sft1", lambda: catk("sft1", bc_path, cfg.sft1_epochs))
+    reuse = ref_cfg.catk_epochs == sched["sft1"] and sft_lr == ref_cfg.catk_lr   # the same N epochs from BC
+    sft1 = catk_path if reuse else timed("sft1", lambda: catk("sft1", bc_path, sched["sft1"]))
     timed("eval", lambda: (evaluate("BC", bc_path), evaluate("SFT", sft1)))
     if log.get("tau") is None:
         tau = cfg.tau if cfg.tau is not None else timed("tau", lambda: R1.measure_tau(load(sft1), tok, get_batch,
@@ -595,10 +598,13 @@ def stage_r1(args) -> dict:
           f"M={cfg.M} rollouts in {cfg.groups} group(s))")
     rft_mpo = timed("rft_mpo", lambda: rft("mpo", sft1, tau))
     timed("eval", lambda: evaluate("SFT-RFT", rft_mpo))
-    sft2 = timed("sft2", lambda: catk("sft2", rft_mpo, cfg.sft2_epochs))
+    sft2 = timed("sft2", lambda: catk("sft2", rft_mpo, sched["sft2"]))
     timed("eval", lambda: evaluate("SFT-RFT-SFT", sft2))
-    sftsft = timed("sftsft", lambda: catk("sftsft", sft1, epochs_rft + cfg.sft2_epochs))
+    sftsft = timed("sftsft", lambda: catk("sftsft", sft1, sched["sftsft"]))
     timed("eval", lambda: evaluate("SFT-SFT", sftsft))
+    if getattr(args, "variants", False):         # the old control: RFT's trajectories as CAT-K epochs
+        traj = timed("sftsft_traj", lambda: catk("sftsft_traj", sft1, sched["sftsft_traj"]))
+        timed("eval", lambda: evaluate("SFT-SFT (trajectory-matched)", traj))
     for kind, name in (("grpo", "SFT-RFT (GRPO)"), ("reinforce", "SFT-RFT (no KL)")):
         if kind in variants:
             path = timed(f"rft_{kind}", lambda: rft(kind, sft1, tau))
@@ -613,7 +619,9 @@ def stage_r1(args) -> dict:
         k = max(1, len(h) // 4)
         mean = lambda key, part: sum(e[key] for e in part) / len(part)
         print(f"RFT {kind}: training reward {mean('reward', h[:k]):.4f} (first {k} steps) -> "
-              f"{mean('reward', h[-k:]):.4f} (last {k}); KL to SFT-1 {h[-1]['kl']:.4f}")
+              f"{mean('reward', h[-k:]):.4f} (last {k}); KL to SFT-1 {h[-1]['kl_exact']:.4f} (k3 "
+              f"{h[-1]['kl']:.4f}); entropy {h[0]['entropy']:.3f} -> {h[-1]['entropy']:.3f}; "
+              f"unscored sets {sum(e['n_nan_groups'] for e in h)}")
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in log["wall_s"].items()))
     print("CPU time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in log.get("cpu_s", {}).items()))
     seeds = [json.loads(p.read_text()).get("eval", {}) for p in sorted((Path(args.runs) / "r1").glob("seed*/log.json"))
@@ -655,7 +663,8 @@ def main(argv=None) -> int:
     p.add_argument("--beta", type=float, default=None, help="spacer stage: KL-to-reference weight (ablations)")
     p.add_argument("--iterations", type=int, default=None, help="spacer stage: PPO iterations (default: config)")
     p.add_argument("--hidden", type=int, default=None, help="spacer stage: the policy's fused hidden width (default: config)")
-    p.add_argument("--variants", action="store_true", help="r1 stage: also RFT with GRPO-style and no-KL advantages")
+    p.add_argument("--variants", action="store_true",
+                   help="r1 stage: also RFT with GRPO-style and no-KL advantages, and the trajectory-matched control")
     p.add_argument("--rft-lr", type=float, default=None, help="r1 stage: RFT learning rate (default: config); "
                    "writes runs/r1/seed<S>_lr<LR>")
     args = p.parse_args(argv)

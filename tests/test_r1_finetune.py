@@ -50,7 +50,8 @@ def expected_gradient(theta, sample_logq, diff_logp, adv: float):
     total = 0.0
     for a in q.nonzero().flatten().tolist():                                   # the tokens q can sample
         logp = diff_logp(theta)[a].view(1, 1, 1)                               # [W=1, A=1, N=1]
-        loss, _ = R1.mpo_loss(logp, logp.detach(), torch.tensor([adv]), torch.ones(1, 1, 1, dtype=torch.bool), 0.0)
+        one = torch.ones(1, 1, 1, dtype=torch.bool)
+        loss, _ = R1.mpo_loss(logp, logp.detach(), torch.tensor([adv]), one, 0.0)
         total = total + q[a] * loss
     return torch.autograd.grad(total, theta)[0]                                # [K]
 
@@ -71,7 +72,7 @@ def test_constant_advantage_has_zero_expected_gradient_only_when_sampler_and_los
     logits = torch.randn(6, generator=torch.Generator().manual_seed(1))
     for top_k in (0, 3):
         k = top_k if top_k > 0 else logits.shape[0]
-        ids = RM.sample_top_k(logits.expand(200_000, -1), k, 1.0, torch.Generator().manual_seed(2))  # [200000]
+        ids = RM.sample_top_k(logits.expand(200_000, -1), k, 1.0, torch.Generator().manual_seed(2))  # [2e5]
         freq = torch.bincount(ids, minlength=6).float() / ids.numel()          # [6]
         assert torch.allclose(freq, R1.policy_log_probs(logits, top_k).exp(), atol=5e-3), (top_k, freq)
 
@@ -95,7 +96,8 @@ def test_k3_mean_under_the_sampler_is_the_exact_kl():
         # with a top-k policy it falls short by pi_sft's mass outside the top k
         outside = float(logq_sft.exp()[logq.isinf()].sum())
         assert (outside == 0) == (top_k == 0)
-        assert abs(float(k3.mean()) - (kl - outside)) < 4 * float(k3.std()) / n ** 0.5, (top_k, float(k3.mean()), kl)
+        err = 4 * float(k3.std()) / n ** 0.5                                   # 4 standard errors
+        assert abs(float(k3.mean()) - (kl - outside)) < err, (top_k, float(k3.mean()), kl)
         assert abs(exact["entropy"] + float(torch.special.xlogy(logq.exp(), logq.exp()).sum())) < 1e-5
     logpi = logits.log_softmax(-1)                                             # [8]
     kl_pi = float((logpi.exp() * (logpi - logq_sft)).sum())
@@ -200,7 +202,8 @@ def run_toy_policy(adv_kind: str, beta: float, steps: int = 150, seed: int = 0) 
         r = (reward[a] + 0.1 * torch.randn(B * G, generator=g)).view(B, G)  # [B, G]
         adv = R1.advantages(r, adv_kind, tau).flatten()                   # [B*G]
         logp = categorical_logp(theta, a)
-        loss, _ = R1.mpo_loss(logp, logp_sft_all[a].view(-1, 1, 1), adv, torch.ones_like(logp, dtype=torch.bool), beta)
+        every = torch.ones_like(logp, dtype=torch.bool)
+        loss, _ = R1.mpo_loss(logp, logp_sft_all[a].view(-1, 1, 1), adv, every, beta)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -252,7 +255,8 @@ def test_one_rft_step_on_toy_scenes():
     cfg = R1.R1Config(M=4, lr=1e-3)                                            # groups = 1: the default
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     before = [p.detach().clone() for p in model.parameters()]
-    h = R1.rft_step(model, sft, tok, opt, scenes, enc, cfg, tau=0.3, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    h = R1.rft_step(model, sft, tok, opt, scenes, enc, cfg, tau=0.3, generator=gen)
     assert abs(h["kl"]) < 1e-6 and abs(h["kl_exact"]) < 1e-6 and h["logp"] < 0
     assert 0 < h["entropy"] <= torch.log(torch.tensor(32.0)) and h["n_nan_groups"] == 0
     assert 0 < h["reward"] < 1 and abs(h["adv_mean"] - (h["reward"] - 0.3)) < 1e-5

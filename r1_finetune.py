@@ -289,7 +289,8 @@ def rft_step(model, sft, tok, opt, scenes: Scenes, enc: dict, cfg: R1Config, tau
     model.eval()                                     # no dropout: the gradient is of the policy that sampled
     opt.zero_grad(set_to_none=True)
     tot = dict(loss=0.0, kl=0.0, logp=0.0, kl_exact=0.0, entropy=0.0)
-    for w0 in range(0, B * M if n_tok > 0 else 0, cfg.chunk_worlds):  # chunks bound memory; gradients add up
+    chunks = range(0, B * M, cfg.chunk_worlds) if n_tok else ()   # chunks bound memory; gradients add up
+    for w0 in chunks:
         sl = slice(w0, w0 + cfg.chunk_worlds)
         sub, tokens = rep.select(sl), {k: v[sl] for k, v in out["tokens"].items()}
         logq = sequence_log_probs(model, sub, tokens, cfg.rft_top_k)          # [w, A, N, K]

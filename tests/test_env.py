@@ -5,10 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-import wosac_metrics as wm
-from env import EnvConfig, MultiAgentEnv, apply_local, bicycle_step, EGO_DIM, PARTNER_DIM, ROAD_DIM
-from scenes import (LANE, ROAD_EDGE, T, NOW, collate, find_womd_examples, load_womd_dir, polylines_to_segments,
-                    scene_from_numpy)
+import dataclasses
+
+import geometry
+from env import EGO_DIM, PARTNER_DIM, ROAD_DIM, EnvConfig, MultiAgentEnv, bicycle_step
+from evaluate import log_replay_events
+from scenes import LANE, NOW, ROAD_EDGE, T, apply_local, collate, polylines_to_segments, scene_from_numpy
+from toy_scenes import make_toy_scenes
+from womd import find_womd_examples, load_womd_dir
 
 
 def straight_road_scene(agents_xyv, yaw=None, controlled=None, length=4.5, width=2.0, name="road"):
@@ -94,7 +98,7 @@ def test_collision_offroad_and_goal_rewards():
     assert hit, "driving 11 m/s into a standing car must collide"
     assert total[0, 1] < -0.7 and total[0, 0] < -0.7  # both are penalised while in contact
     # the env's collision flag is exactly the metric's rounded-box distance < 0
-    d = wm.object_distance_matrix(env.pos, env.yaw, scene.size[..., 0], scene.size[..., 1], env.active)
+    d = geometry.object_distance_matrix(env.pos, env.yaw, scene.size[..., 0], scene.size[..., 1], env.active)
     assert torch.equal(env.collided, (d.min(-1).values < 0) & env.active)
 
     # off-road: drive sideways out of the road with a token that moves +y
@@ -107,7 +111,7 @@ def test_collision_offroad_and_goal_rewards():
     for n in range(4):
         _, r, info = env.step(torch.tensor([[4]]))
         flags.append(bool(info["offroad"][0, 0]))
-        full = wm.box_road_edge_distance(env.pos, env.z, env.yaw, scene.size, wm.road_edge_table(scene))
+        full = geometry.box_road_edge_distance(env.pos, env.z, env.yaw, scene.size, geometry.road_edge_table(scene))
         assert bool(info["offroad"][0, 0]) == bool(full[0, 0] > 0)
     assert flags[0] is False and flags[-1] is True  # starts on the road, ends beyond y = 6
 
@@ -125,12 +129,12 @@ def test_offroad_with_pools_matches_full_metric_on_a_long_drive():
     scene = straight_road_scene([(-90, -1.75, 20.0), (-60, 2.0, 15.0)])
     env = MultiAgentEnv(scene, cfg)
     env.reset()
-    table = wm.road_edge_table(scene)
+    table = geometry.road_edge_table(scene)
     g = torch.Generator().manual_seed(0)
     n_act = len(cfg.accel_grid) * len(cfg.steer_grid)
     for _ in range(80):
         _, _, info = env.step(torch.randint(0, n_act, (1, 2), generator=g))
-        full = wm.box_road_edge_distance(env.pos, env.z, env.yaw, scene.size, table) > 0
+        full = geometry.box_road_edge_distance(env.pos, env.z, env.yaw, scene.size, table) > 0
         assert torch.equal(info["offroad"], full & env.active)
 
 
@@ -172,9 +176,6 @@ def test_log_replay_events_match_the_metric_on_clean_and_broken_logs():
     env flags no collision and no off-road, as the metric finds on the same logs; and when a log is
     broken on purpose (one agent driven into another, one drifting sideways out of the road) the
     env and the metric flag exactly the same agents."""
-    import dataclasses
-    from env import log_replay_events
-    from scenes import make_toy_scenes
     scenes = make_toy_scenes(2, seed=0)
     e = log_replay_events(scenes)
     n = int(e["agents"].sum())
@@ -202,7 +203,6 @@ def test_log_replay_on_real_scenes_flags_what_the_metric_flags():
     """Real logs do contain collisions and off-road boxes (parked cars on the kerb): the env must
     flag exactly the agents the metric flags, including agents with gaps in their logs (the road
     pool is refreshed when they reappear) and ignoring objects absent at step 10 (not sim agents)."""
-    from env import log_replay_events
     e = log_replay_events(load_womd_dir(find_womd_examples()))
     assert e["metric_offroad"].any() and e["metric_collision"].any()
     assert torch.equal(e["env_collision"], e["metric_collision"])

@@ -4,7 +4,10 @@ import json
 import torch
 
 import evaluate as E
-from scenes import NOW, make_toy_scenes
+from env import EnvConfig, MultiAgentEnv
+from scenes import NOW
+from tokenizer import MotionTokenizer, TokenizerConfig
+from toy_scenes import make_toy_scenes
 
 
 def test_log_replay_reaches_every_goal_and_scores_near_perfect_min_ade():
@@ -43,8 +46,6 @@ def test_run_eval_lists_missing_checkpoints_and_ranks_the_ceiling_above_the_floo
 def test_human_driver_outscores_constant_velocity_and_random_tokens():
     """The realism ceiling on toy scenes: the driver that wrote the logs, re-run with new seeds,
     scores above constant velocity and above agents that pick uniformly random motion tokens."""
-    from env import EnvConfig, MultiAgentEnv
-    from tokenizer import MotionTokenizer, TokenizerConfig
     scenes = make_toy_scenes(3, seed=7)
     tok = MotionTokenizer.fit(make_toy_scenes(4, seed=8), TokenizerConfig(K=32, steps_per_token=2))
     gen = torch.Generator().manual_seed(0)

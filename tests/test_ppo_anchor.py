@@ -9,8 +9,9 @@ import torch
 import ppo_anchor as pa
 import reference_model as RM
 from env import EGO_DIM, PARTNER_DIM, ROAD_DIM
-from scenes import NOW, make_toy_scenes
+from scenes import NOW
 from tokenizer import MotionTokenizer, TokenizerConfig
+from toy_scenes import make_toy_scenes
 
 K = 16
 

@@ -14,6 +14,7 @@ import scenes as S  # noqa: E402
 import wosac_metrics as wm  # noqa: E402
 from scenes import NOW, T  # noqa: E402
 from tokenizer import MotionTokenizer, TokenizerConfig  # noqa: E402
+from toy_scenes import make_toy_scenes  # noqa: E402
 
 
 def categorical_logp(theta, a):
@@ -116,7 +117,7 @@ def test_step_scenes_cover_each_pass_once():
 def test_one_rft_step_on_toy_scenes():
     """A tiny reference model on 2 toy scenes: the rewards are WOSAC scores of each group's set,
     the first step's KL is 0 (pi = pi_sft), the policy moves and pi_sft does not."""
-    scenes = S.make_toy_scenes(2, seed=7)
+    scenes = make_toy_scenes(2, seed=7)
     tok = MotionTokenizer.fit(scenes, TokenizerConfig(K=32))
     torch.manual_seed(0)
     model = RM.ReferenceModel(RM.ReferenceConfig(K=32, D=16, heads=2, layers=1, dropout=0.1, window=3,

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from scenes import NOW, T, collate, scene_from_numpy, wrap_angle
-from tokenizer import (MotionTokenizer, TokenizerConfig, apply_local, log_poses, reconstruct,
-                       reconstruction_error, remove_heading_flips, to_local)
+import env
+from scenes import NOW, T, apply_local, collate, scene_from_numpy, to_local, wrap_angle
+from tokenizer import (MotionTokenizer, TokenizerConfig, log_poses, reconstruct, reconstruction_error,
+                       remove_heading_flips)
+from womd import find_womd_examples, load_womd_dir
 
 # per type: initial speed range (m/s), largest lateral acceleration (m/s^2), largest curvature (1/m)
 SPEED = {0: (0.0, 25.0), 1: (0.3, 2.0), 2: (2.0, 8.0)}
@@ -149,9 +151,6 @@ def test_decode_equals_repeated_step_pose_and_matched_poses(tok, test_scenes):
 
 
 def test_simulator_apply_local_reproduces_decode(tok, test_scenes):
-    env = pytest.importorskip("env")
-    if not hasattr(env, "apply_local"):
-        pytest.skip("env.apply_local not defined")
     enc = tok.encode(test_scenes, anchor_now=False)
     kind = test_scenes.agent_type
     pose, steps = enc["pose"][:, :, 0], []
@@ -253,10 +252,9 @@ def test_fixed_tolerance(train):
 
 
 def test_real_womd_scenes():
-    import scenes as S
-    if not hasattr(S, "find_womd_examples") or S.find_womd_examples() is None:
+    if find_womd_examples() is None:
         pytest.skip("WOMD example scenes not found (set WOMD_EXAMPLES or add ../shared/data/womd_examples)")
-    womd = S.load_womd_dir(S.find_womd_examples())
+    womd = load_womd_dir(find_womd_examples())
     for spt in (2, 5):
         tok = MotionTokenizer.fit(womd, TokenizerConfig(K=200, steps_per_token=spt))  # fitted on the same scenes
         r = reconstruction_error(tok, womd)

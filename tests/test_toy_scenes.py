@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-import wosac_metrics as wm
+import geometry
 from env import bicycle_step
 from human_driver import HumanDriver
-from scenes import (CROSSWALK, LANE, NOW, ROAD_EDGE, SURFACE_STREET_LANE, EDGE_CODE, T, ToyConfig,
-                    make_toy_scenes, polylines_to_segments, scene_from_numpy, toy_dataset, toy_log_failures)
+from scenes import CROSSWALK, EDGE_CODE, LANE, NOW, ROAD_EDGE, SURFACE_STREET_LANE, T, polylines_to_segments, scene_from_numpy
+from toy_scenes import ToyConfig, make_toy_scenes, toy_dataset, toy_log_failures
 
 LAYOUTS = ToyConfig().layouts
 
@@ -37,7 +37,7 @@ def min_box_distance(scenes, pos, yaw):
     yt = yaw.transpose(1, 2)                                              # [B, T', A]
     L, W = (scenes.size[:, None, :, k].expand_as(yt) for k in (0, 1))
     v = scenes.valid[:, :, :1].expand_as(yaw).transpose(1, 2)             # [B, T', A]
-    return wm.object_distance_matrix(pos.transpose(1, 2), yt, L, W, v).amin(dim=(1, 3))
+    return geometry.object_distance_matrix(pos.transpose(1, 2), yt, L, W, v).amin(dim=(1, 3))
 
 
 # ---- generation ----------------------------------------------------------------------------
@@ -85,9 +85,9 @@ def test_logs_have_no_collision_offroad_or_nan(toy):
     assert not toy_log_failures(toy).any()
     # the exact official geometry, every box against every road-edge segment
     assert (min_box_distance(toy, toy.pos, toy.yaw)[toy.valid[:, :, 0]] > 0).all()
-    table = wm.road_edge_table(toy)
+    table = geometry.road_edge_table(toy)
     for b in range(toy.B):
-        d = wm.box_road_edge_distance(toy.pos[b], toy.z[b], toy.yaw[b], toy.size[b].unsqueeze(1).expand(-1, T, 3),
+        d = geometry.box_road_edge_distance(toy.pos[b], toy.z[b], toy.yaw[b], toy.size[b].unsqueeze(1).expand(-1, T, 3),
                                       {k: v[b] for k, v in table.items()})        # [A, T]
         assert (d[toy.valid[b]] < 0).all(), toy.scene_id[b]
 
@@ -103,23 +103,23 @@ def test_failure_check_catches_bad_logs(toy):
 
 
 def test_road_edges_have_the_road_on_their_left(toy):
-    table = wm.road_edge_table(toy)
+    table = geometry.road_edge_table(toy)
     lane = (toy.seg_type == LANE) & toy.seg_valid                          # [B, S]
     for b in range(toy.B):
         e = {k: v[b] for k, v in table.items()}
         pts = toy.seg_start[b][lane[b]]                                    # [Q, 3] lane centre points
-        assert (wm.signed_distance_to_edges(pts, e) < -1.0).all(), toy.scene_id[b]
+        assert (geometry.signed_distance_to_edges(pts, e) < -1.0).all(), toy.scene_id[b]
         ok = e["valid"]
         a, bb = e["a"][ok], e["b"][ok]                                     # [E, 3]
         d = (bb - a)[:, :2] / (bb - a)[:, :2].norm(dim=-1, keepdim=True)   # [E, 2]
         right = torch.stack([d[:, 1], -d[:, 0]], -1)                       # [E, 2] away from the road
         mid = 0.5 * (a + bb)[:, :2]                                        # [E, 2]
         z = torch.zeros(len(a), 1)
-        assert (wm.signed_distance_to_edges(torch.cat([mid - 0.5 * right, z], -1), e) < 0).all(), toy.scene_id[b]
-        assert (wm.signed_distance_to_edges(torch.cat([mid + 0.5 * right, z], -1), e) > 0).float().mean() > 0.97
+        assert (geometry.signed_distance_to_edges(torch.cat([mid - 0.5 * right, z], -1), e) < 0).all(), toy.scene_id[b]
+        assert (geometry.signed_distance_to_edges(torch.cat([mid + 0.5 * right, z], -1), e) > 0).float().mean() > 0.97
         # 5 m beyond the outer edge (the one furthest from the scene's middle) is off-road
         far = (mid + 5.0 * right)[(mid + 5.0 * right).norm(dim=-1).argmax()]  # [2]
-        assert wm.signed_distance_to_edges(torch.cat([far, torch.zeros(1)]).unsqueeze(0), e)[0] > 4.0
+        assert geometry.signed_distance_to_edges(torch.cat([far, torch.zeros(1)]).unsqueeze(0), e)[0] > 4.0
 
 
 def test_toy_dataset_cache(tmp_path):

@@ -1,20 +1,15 @@
 """Tests of SMART-R1's MPO (r1_finetune.py): the loss's gradient, the k3 KL estimator, advantages,
 a toy-categorical policy improvement, and one RFT step of a tiny reference model on toy scenes."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import r1_finetune as R1  # noqa: E402
-import reference_model as RM  # noqa: E402
-import scenes as S  # noqa: E402
-import wosac_metrics as wm  # noqa: E402
-from scenes import NOW, T  # noqa: E402
-from tokenizer import MotionTokenizer, TokenizerConfig  # noqa: E402
-from toy_scenes import make_toy_scenes  # noqa: E402
+import r1_finetune as R1
+import reference_model as RM
+import wosac_metrics as wm
+from scenes import NOW, T
+from tokenizer import MotionTokenizer, TokenizerConfig
+from toy_scenes import make_toy_scenes
 
 
 def categorical_logp(theta, a):

@@ -1,19 +1,15 @@
 """Tests of the centralized next-token reference model (reference_model.py) and its train.py stage."""
 import json
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import reference_model as RM  # noqa: E402
-import scenes as S  # noqa: E402
-from scenes import NOW  # noqa: E402
-from tokenizer import MotionTokenizer, TokenizerConfig  # noqa: E402
-from toy_scenes import make_toy_scenes  # noqa: E402
+import reference_model as RM
+import scenes as S
+from scenes import NOW
+from tokenizer import MotionTokenizer, TokenizerConfig
+from toy_scenes import make_toy_scenes
 
 TINY = RM.ReferenceConfig(K=32, D=32, heads=2, layers=2, dropout=0.0, window=4, map_neighbours=6,
                           agent_neighbours=4)

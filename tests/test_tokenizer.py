@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import env
-from scenes import NOW, T, apply_local, collate, scene_from_numpy, to_local, wrap_angle
+from scenes import NOW, T, apply_local, collate, scene_from_numpy, wrap_angle
 from tokenizer import (MotionTokenizer, TokenizerConfig, log_poses, reconstruct, reconstruction_error,
                        remove_heading_flips)
 from womd import find_womd_examples, load_womd_dir
@@ -75,19 +75,6 @@ def test_scenes():
 def tok(train):
     return MotionTokenizer.fit(train, TokenizerConfig(K=200, steps_per_token=2))
 
-
-def test_pose_algebra():
-    g = torch.Generator().manual_seed(0)
-    pose = torch.randn(5, 3, generator=g) * 3                       # [5, 3]
-    local = torch.randn(5, 4, 3, generator=g)                       # [5, 4, 3]
-    world = apply_local(pose, local)                                # [5, 4, 3]
-    back = to_local(pose, world)                                    # [5, 4, 3]
-    assert torch.allclose(back[..., :2], local[..., :2], atol=1e-5)
-    assert torch.allclose(wrap_angle(back[..., 2] - local[..., 2]), torch.zeros(5, 4), atol=1e-5)
-    assert world[..., 2].abs().max() <= math.pi
-    # a unit step forward from a pose facing +y moves +y
-    out = apply_local(torch.tensor([1.0, 2.0, math.pi / 2]), torch.tensor([[1.0, 0.0, 0.0]]))
-    assert torch.allclose(out, torch.tensor([[1.0, 3.0, math.pi / 2]]), atol=1e-6)
 
 
 def test_vocabulary_shape_zero_token_and_distinct(tok):

@@ -22,10 +22,13 @@ from pathlib import Path
 
 import torch
 
+import ppo_anchor as PA
+import reference_model as RM
 import wosac_metrics as wm
 from evaluate import sync
 from env import EnvConfig, MultiAgentEnv
-from scenes import make_toy_scenes, find_womd_examples, load_womd_dir
+from toy_scenes import make_toy_scenes
+from womd import find_womd_examples, load_womd_dir
 
 
 def bench_env(scenes, table, observe: bool, device, repeats: int = 2) -> dict:
@@ -63,7 +66,6 @@ def bench_rollouts(runs: Path, scenes, R: int, device) -> dict:
     ref_path = runs / "reference" / "catk.pt"
     if not ref_path.is_file():
         return out
-    import reference_model as RM
     model, tok, _ = RM.load_reference(ref_path, device)
     gen = torch.Generator(device=device).manual_seed(0)
     RM.rollout(model, tok, scenes.select([0]), R=2, generator=gen)            # warm-up
@@ -73,7 +75,6 @@ def bench_rollouts(runs: Path, scenes, R: int, device) -> dict:
     out["reference"] = dict(scenarios_per_s=scenes.B * R / (time.perf_counter() - t0), params=model.n_params)
     pol_path = runs / "spacer" / "spacer" / "policy.pt"
     if pol_path.is_file():
-        import ppo_anchor as PA
         policy, cfg = PA.load_policy(pol_path, device)
         timing = {}
         sync(device); t0 = time.perf_counter()

@@ -17,7 +17,7 @@ Action modes
 Events and reward (SPACeR's task reward)
     r_task = w_goal * 1[goal reached, first time] - w_coll * 1[collided] - w_off * 1[off-road]
 summed over the 0.1 s steps of one action. Collision and off-road use exactly the rounded-box
-distance and the signed road-edge distance that `wosac_metrics.py` scores (imported from there),
+distance and the signed road-edge distance that `wosac_metrics.py` scores (both from geometry.py),
 so what the policy is penalised for is what the metric counts. Agents keep being simulated after
 an event, so every rollout has 80 steps.
 
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from scenes import DT, NOW, T, MAP_TYPES, ROAD_EDGE, Scenes, wrap_angle
-import wosac_metrics as wm
+from geometry import box_road_edge_distance, gather_rows, object_distance_matrix, road_edge_table
+from scenes import DT, MAP_TYPES, NOW, T, Scenes, apply_local, to_local_xy, wrap_angle
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,29 +52,6 @@ def bicycle_step(pos, yaw, speed, accel, steer, length, dt: float = DT):
     step = torch.stack([torch.cos(heading), torch.sin(heading)], -1) * (v_bar * dt).unsqueeze(-1)  # [..., 2]
     new_yaw = yaw + v_bar * torch.cos(beta) * torch.tan(steer) / length.clamp(min=0.5) * dt      # [...]
     return pos + step, wrap_angle(new_yaw), (speed + accel * dt).clamp(min=0.0)
-
-
-def apply_local(pose, local):
-    """Compose a start pose with local offsets: pose [..., 3] (x, y, yaw), local [..., P, 3]
-    -> global [..., P, 3]. The tokenizer decodes with the same rule, so executing a token here
-    reproduces its decoded poses to float precision."""
-    c, s = torch.cos(pose[..., 2:3]), torch.sin(pose[..., 2:3])                   # [..., 1]
-    x = pose[..., 0:1] + c * local[..., 0] - s * local[..., 1]                       # [..., P]
-    y = pose[..., 1:2] + s * local[..., 0] + c * local[..., 1]                       # [..., P]
-    return torch.stack([x, y, wrap_angle(pose[..., 2:3] + local[..., 2])], -1)      # [..., P, 3]
-
-
-def to_ego(xy, origin, yaw):
-    """Points xy [..., P, 2] into the frame at origin [..., 2] with heading yaw [...]."""
-    d = xy - origin.unsqueeze(-2)                                                    # [..., P, 2]
-    c, s = torch.cos(yaw).unsqueeze(-1), torch.sin(yaw).unsqueeze(-1)               # [..., 1]
-    return torch.stack([c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1]], -1)  # [..., P, 2]
-
-
-def gather_agents(x, idx):
-    """x [B, E, ...] indexed per agent by idx [B, A, C] -> [B, A, C, ...]."""
-    b = torch.arange(x.shape[0], device=x.device).view(-1, 1, 1)                    # [B, 1, 1]
-    return x[b, idx]
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,7 +97,7 @@ class MultiAgentEnv:
             self.table, self.spt = None, 1
         self.accel_grid = torch.tensor(cfg.accel_grid, device=self.device)  # [Na]
         self.steer_grid = torch.tensor(cfg.steer_grid, device=self.device)  # [Ns]
-        self.edges = wm.road_edge_table(scenes)                         # [B, E, ...] per field
+        self.edges = road_edge_table(scenes)                         # [B, E, ...] per field
         mid = 0.5 * (scenes.seg_start[..., :2] + scenes.seg_end[..., :2])      # [B, S, 2]
         self.seg_mid = torch.where(scenes.seg_valid.unsqueeze(-1), mid, torch.full_like(mid, 1e6))  # [B, S, 2]
         d = scenes.seg_end[..., :2] - scenes.seg_start[..., :2]         # [B, S, 2]
@@ -213,10 +190,10 @@ class MultiAgentEnv:
     def _events(self):
         """Collision, off-road and goal flags at the current step; returns newly reached goals."""
         s, act = self.s, self.active
-        d_obj = wm.object_distance_matrix(self.pos, self.yaw, s.size[..., 0], s.size[..., 1], act)  # [B, A, A]
+        d_obj = object_distance_matrix(self.pos, self.yaw, s.size[..., 0], s.size[..., 1], act)  # [B, A, A]
         self.collided = (d_obj.min(dim=-1).values < 0.0) & act               # [B, A]
-        edges = {k: gather_agents(v, self.edge_idx) for k, v in self.edges.items()}  # [B, A, C, ...]
-        d_road = wm.box_road_edge_distance(self.pos, self.z, self.yaw, s.size, edges)  # [B, A]
+        edges = {k: gather_rows(v, self.edge_idx) for k, v in self.edges.items()}  # [B, A, C, ...]
+        d_road = box_road_edge_distance(self.pos, self.z, self.yaw, s.size, edges)  # [B, A]
         self.offroad = (d_road > 0.0) & act                                  # [B, A]
         self.ever_collided |= self.collided
         self.ever_offroad |= self.offroad
@@ -243,7 +220,7 @@ class MultiAgentEnv:
         """
         s, cfg = self.s, self.cfg
         B, A = self.B, self.A
-        goal_ego = to_ego(s.goal.unsqueeze(-2), self.pos, self.yaw).squeeze(-2)   # [B, A, 2]
+        goal_ego = to_local_xy(s.goal.unsqueeze(-2), self.pos, self.yaw).squeeze(-2)   # [B, A, 2]
         goal_dist = goal_ego.norm(dim=-1, keepdim=True)                           # [B, A, 1]
         goal_ego = goal_ego / goal_dist.clamp(min=1.0) * goal_dist.clamp(max=100.0) / 100.0  # [B, A, 2]
         type1h = torch.nn.functional.one_hot(s.agent_type, 3).float()             # [B, A, 3]
@@ -260,9 +237,9 @@ class MultiAgentEnv:
         d_sel, j = torch.where(ok, dist, torch.full_like(dist, 1e9)).topk(n_p, dim=-1, largest=False)  # [B, A, P]
         p_mask = d_sel < 1e8                                                      # [B, A, P]
         bidx = torch.arange(B, device=self.device).view(B, 1, 1)                  # [B, 1, 1]
-        rel = to_ego(self.pos[bidx, j], self.pos, self.yaw)                       # [B, A, P, 2]
+        rel = to_local_xy(self.pos[bidx, j], self.pos, self.yaw)                       # [B, A, P, 2]
         dyaw = self.yaw[bidx, j] - self.yaw.unsqueeze(-1)                         # [B, A, P]
-        rel_v = to_ego(self.vel[bidx, j], torch.zeros_like(self.pos), self.yaw) - to_ego(
+        rel_v = to_local_xy(self.vel[bidx, j], torch.zeros_like(self.pos), self.yaw) - to_local_xy(
             self.vel.unsqueeze(-2), torch.zeros_like(self.pos), self.yaw)          # [B, A, P, 2]
         partners = torch.cat([rel / cfg.obs_radius, torch.cos(dyaw).unsqueeze(-1), torch.sin(dyaw).unsqueeze(-1),
                               rel_v / 30.0, s.size[bidx, j, :2] / torch.tensor([10.0, 5.0], device=self.device),
@@ -273,15 +250,15 @@ class MultiAgentEnv:
         p_mask = torch.nn.functional.pad(p_mask, (0, pad))                     # [B, A, n_partners]
 
         # road: nearest map segments within obs_radius, chosen from the per-agent pool
-        mid = gather_agents(self.seg_mid, self.road_idx)                          # [B, A, C, 2]
-        rel_mid = to_ego(mid, self.pos, self.yaw)                                 # [B, A, C, 2]
+        mid = gather_rows(self.seg_mid, self.road_idx)                          # [B, A, C, 2]
+        rel_mid = to_local_xy(mid, self.pos, self.yaw)                                 # [B, A, C, 2]
         d_mid = rel_mid.norm(dim=-1)                                              # [B, A, C]
         n_r = min(cfg.n_road, d_mid.shape[-1])
         d_sel, c = d_mid.topk(n_r, dim=-1, largest=False)                         # [B, A, R]
         r_mask = d_sel < cfg.obs_radius                                           # [B, A, R]
         seg = torch.gather(self.road_idx, 2, c)                                   # [B, A, R]
         rel_mid = torch.gather(rel_mid, 2, c.unsqueeze(-1).expand(-1, -1, -1, 2))  # [B, A, R, 2]
-        dir_ego = to_ego(self.seg_dir[bidx, seg], torch.zeros_like(self.pos), self.yaw)  # [B, A, R, 2]
+        dir_ego = to_local_xy(self.seg_dir[bidx, seg], torch.zeros_like(self.pos), self.yaw)  # [B, A, R, 2]
         road = torch.cat([rel_mid / cfg.obs_radius, dir_ego, self.seg_len[bidx, seg].unsqueeze(-1) / 10.0,
                           torch.nn.functional.one_hot(s.seg_type[bidx, seg], len(MAP_TYPES)).float()], -1)  # [B, A, R, ROAD_DIM]
         road = road * r_mask.unsqueeze(-1)
@@ -296,119 +273,3 @@ class MultiAgentEnv:
         z is frozen at its step-10 value (the toy world is flat; WOSAC only uses z for ADE)."""
         z = self.s.z[:, :, NOW:NOW + 1].expand(-1, -1, T - NOW - 1)               # [B, A, 80]
         return self.traj_pos[:, :, NOW + 1:], z, self.traj_yaw[:, :, NOW + 1:]
-
-
-# --------------------------------------------------------------------------------------------
-# Report: OMP_NUM_THREADS=1 python env.py --toy 16 --R 8 --seed 0
-# --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def log_replay_events(scenes: Scenes) -> dict:
-    """Replay every agent's log through the env and compare its events with the metric's.
-
-    No agent is controlled, so the env moves every agent along its log; we record the env's
-    collision / off-road flags at steps 11..90. The same flags are computed by wosac_metrics on the
-    logged trajectories themselves (`trajectory_features` with the log as the one rollout).
-    Returns [B, A] bool tensors: `agents` (sim agents: valid at step 10) and, per agent, any event
-    on steps 11..90: env_collision, env_offroad, metric_collision, metric_offroad."""
-    import dataclasses
-    log_only = dataclasses.replace(scenes, controlled=torch.zeros_like(scenes.controlled))
-    env = MultiAgentEnv(log_only, EnvConfig(mode="continuous"))
-    env.reset()
-    no_action = torch.zeros(env.B, env.A, 2, device=env.device)               # [B, A, 2] ignored: nobody is controlled
-    coll, off = [], []
-    for t in range(NOW, T - 1):
-        _, _, info = env.step(no_action)
-        coll.append(info["collided"])                                          # [B, A] at step t + 1
-        off.append(info["offroad"])                                            # [B, A]
-    env_coll = torch.stack(coll, -1)                                           # [B, A, 80]
-    env_off = torch.stack(off, -1)                                             # [B, A, 80]
-
-    f = wm.trajectory_features(scenes, scenes.pos[:, None], scenes.z[:, None], scenes.yaw[:, None],
-                               scenes.valid[:, None])                          # dict of [B, 1, A, 80]
-    valid = f["valid"][:, 0]                                                   # [B, A, 80] logged steps
-    agents = scenes.valid[:, :, NOW]                                           # [B, A] sim agents
-    return dict(agents=agents,
-                env_collision=env_coll.any(-1) & agents, env_offroad=env_off.any(-1) & agents,
-                metric_collision=(f["collision_per_step"][:, 0] & valid).any(-1) & agents,
-                metric_offroad=(f["offroad_per_step"][:, 0] & valid).any(-1) & agents)
-
-
-@torch.no_grad()
-def human_driver_spread(scenes: Scenes, R: int, seed: int) -> dict:
-    """The toy human driver re-run closed loop from step 10, R times per scene with new noise
-    (evaluate.human_driver_rollout), scored by WOSAC: dataset means of collision_rate and
-    offroad_rate (fraction of (rollout, scored agent) pairs with any event), min_ade and
-    realism_meta; plus `spread`, the mean over scored agents of the mean distance between two
-    rollouts' final positions (step 90)."""
-    from evaluate import human_driver_rollout
-    pos, z, yaw = human_driver_rollout(scenes, R, seed=seed)                   # [B, R, A, 80, 2], [B, R, A, 80] x2
-    per_scene = [wm.score_rollouts(scenes.select([b]), pos[b:b + 1], z[b:b + 1], yaw[b:b + 1])
-                 for b in range(scenes.B)]                                     # one scene at a time: bounded memory
-    out = wm.dataset_means({k: torch.cat([p[k] for p in per_scene]) for k in per_scene[0]})
-    final = pos[:, :, :, -1].transpose(1, 2)                                   # [B, A, R, 2] step 90
-    pair = torch.cdist(final, final)                                           # [B, A, R, R]
-    mean_pair = pair.sum((-1, -2)) / (R * (R - 1))                             # [B, A] diagonal is 0
-    scored = scenes.eval_mask & scenes.valid[:, :, NOW]                        # [B, A]
-    out["spread"] = mean_pair[scored].mean().item()
-    out["n_agents"] = int(scored.sum())
-    return out
-
-
-def report(argv=None) -> None:
-    """Print the env's sanity numbers as markdown: (a) log replay through the env, its event
-    flags against the metric's on the same logs; (b) the human driver re-run closed loop."""
-    import argparse
-    import sys
-    import time
-    import scenes as S
-    p = argparse.ArgumentParser(description="Log replay events and human-driver rollouts through the env")
-    p.add_argument("--toy", type=int, default=16, help="toy scenes")
-    p.add_argument("--R", type=int, default=8, help="human-driver rollouts per toy scene")
-    p.add_argument("--seed", type=int, default=0, help="toy scenes seed; the driver uses seed + 1")
-    args = p.parse_args(argv)
-    given = sys.argv[1:] if argv is None else list(argv)
-    print(f"`OMP_NUM_THREADS=1 python {' '.join(['env.py'] + given)}` "
-          f"(--toy {args.toy} --R {args.R} --seed {args.seed})\n")
-
-    toy_name = f"toy ({args.toy} scenes, seed {args.seed})"
-    toy = S.make_toy_scenes(args.toy, seed=args.seed)
-    suites = {toy_name: toy}
-    root = S.find_womd_examples()
-    if root is None:
-        print("WOMD examples skipped: no folder found (set WOMD_EXAMPLES or add ../shared/data/womd_examples)\n")
-    else:
-        womd = S.load_womd_dir(root)
-        suites[f"WOMD ({womd.B} example scenes)"] = womd
-
-    print("## (a) Log replay: any collision / off-road on steps 11..90, fraction of sim agents\n")
-    print("| scenes | sim agents | collision: env | collision: metric | off-road: env | off-road: metric "
-          "| agents where env != metric (coll / off) | s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, sc in suites.items():
-        t0 = time.perf_counter()
-        e = log_replay_events(sc)
-        n = int(e["agents"].sum())
-        rate = lambda k: e[k].sum().item() / n
-        diff = lambda k: int((e["env_" + k] != e["metric_" + k]).sum())
-        print(f"| {name} | {n} | {rate('env_collision'):.4f} | {rate('metric_collision'):.4f} "
-              f"| {rate('env_offroad'):.4f} | {rate('metric_offroad'):.4f} "
-              f"| {diff('collision')} / {diff('offroad')} | {time.perf_counter() - t0:.1f} |")
-
-    print(f"\n## (b) Human driver re-run closed loop from step 10, R = {args.R} new seeds per toy scene\n")
-    print("| scenes | scored agents | collision rate | off-road rate | final-position spread (m) "
-          "| minADE (m) | realism meta | s |")
-    print("|---|---|---|---|---|---|---|---|")
-    t0 = time.perf_counter()
-    h = human_driver_spread(toy, args.R, seed=args.seed + 1)
-    print(f"| {toy_name} | {h['n_agents']} | {h['collision_rate']:.4f} | {h['offroad_rate']:.4f} "
-          f"| {h['spread']:.2f} | {h['min_ade']:.3f} | {h['realism_meta']:.4f} | {time.perf_counter() - t0:.1f} |")
-    print("\n(a) env: the env's per-step flags with every agent replaying its log; metric: "
-          "wosac_metrics.trajectory_features of the log. (b) rates and minADE as score_rollouts "
-          "reports them (mean over scenes; collision / off-road: fraction of (rollout, scored agent) "
-          "pairs with any event; minADE over all 91 steps, history included, as WOSAC defines it); "
-          "spread: mean over scored agents of the mean pairwise distance between the R rollouts' "
-          "positions at step 90.")
-
-
-if __name__ == "__main__":
-    report()

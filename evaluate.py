@@ -16,17 +16,26 @@ A method whose checkpoint is missing is listed as missing, never silently droppe
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import math
-import os
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-import wosac_metrics as wm
+import ppo_anchor
+import reference_model
 from env import EnvConfig, MultiAgentEnv
-from scenes import DT, NOW, T, ROAD_EDGE, LANE, CROSSWALK, Scenes
+from geometry import box_corners
+from human_driver import HumanDriver
+from scenes import CROSSWALK, DT, LANE, NOW, ROAD_EDGE, T, Scenes, save_atomic
+from toy_scenes import make_toy_scenes, toy_dataset
+from womd import find_womd_examples, load_womd_dir
+from wosac_metrics import dataset_means, score_rollouts, trajectory_features
 
 TABLE_KEYS = ("realism_meta", "kinematic", "interactive", "map_based", "min_ade",
               "collision_rate", "offroad_rate", "goal_rate")
@@ -52,7 +61,6 @@ def constant_velocity(scenes: Scenes, R: int) -> tuple:
 def human_driver_rollout(scenes: Scenes, R: int, seed: int = 0, batch_worlds: int = 512) -> tuple:
     """The toy human driver re-run from step 10 in the env (continuous bicycle mode), R times per
     scene with new noise. Returns fut_pos [B, R, A, 80, 2], fut_z, fut_yaw [B, R, A, 80]."""
-    from human_driver import HumanDriver
     gen = torch.Generator(device=scenes.device).manual_seed(seed)
     per = max(1, batch_worlds // R)
     outs = []
@@ -82,7 +90,6 @@ def score_method(rollout_fn, scenes: Scenes, R: int, batch: int, goal_radius: fl
     per_scene, goals, rollout_s = [], [], 0.0
     chunks = range(0, scenes.B, batch)
     if progress:
-        from tqdm import tqdm
         chunks = tqdm(chunks, desc=desc, leave=False)
     for i in chunks:
         part = scenes.select(slice(i, i + batch))
@@ -92,11 +99,11 @@ def score_method(rollout_fn, scenes: Scenes, R: int, batch: int, goal_radius: fl
         sync(part.device)
         rollout_s += time.perf_counter() - t0
         for b in range(part.B):  # one scene at a time bounds the metric's memory at R = 32
-            per_scene.append(wm.score_rollouts(part.select([b]), pos[b:b + 1], z[b:b + 1], yaw[b:b + 1]))
+            per_scene.append(score_rollouts(part.select([b]), pos[b:b + 1], z[b:b + 1], yaw[b:b + 1]))
         near = (pos - part.goal[:, None, :, None]).norm(dim=-1).amin(-1) < goal_radius  # [b, R, A]
         scored = (part.eval_mask & part.valid[:, :, NOW])[:, None].expand_as(near)      # [b, R, A]
         goals.append(torch.stack([near[scored].float().sum(), scored.float().sum()]))   # [2]
-    result = wm.dataset_means({k: torch.cat([p[k] for p in per_scene]) for k in per_scene[0]})
+    result = dataset_means({k: torch.cat([p[k] for p in per_scene]) for k in per_scene[0]})
     g = torch.stack(goals).sum(0)                                                 # [2]
     result.update(goal_rate=(g[0] / g[1].clamp(min=1)).item(), scenarios_per_s=scenes.B * R / rollout_s,
                   rollout_s=rollout_s, n_scenes=scenes.B, rollouts=R)
@@ -122,15 +129,6 @@ def format_table(results: dict, keys=TABLE_KEYS) -> str:
         cells.append(f"{int(m['params']):,}" if m.get("params") else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def write_json(path, obj) -> None:
-    """Atomic JSON write (tmp file + rename), so a crash never leaves half a results file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +198,7 @@ def animate_rollout(path, scenes: Scenes, fut_pos, fut_yaw, b: int = 0, r: int =
     patches = [ax.fill([0], [0], color=f"C{i % 10}", alpha=0.8)[0] for i in range(pos.shape[0])]
 
     def frame(t):
-        corners = wm.box_corners(pos[:, t], yaw[:, t], size[:, 0], size[:, 1])  # [A, 4, 2]
+        corners = box_corners(pos[:, t], yaw[:, t], size[:, 0], size[:, 1])  # [A, 4, 2]
         for i, p in enumerate(patches):
             p.set_xy(corners[i].numpy() if sim[i] else [[0, 0]])
         ax.set_title(f"t = {(t + 1) * DT:.1f} s")
@@ -254,10 +252,8 @@ METHODS = (
 def reference_rollout(model, tok, top_k: int = 8, temperature: float = 1.0, batch_worlds: int = 256,
                       generator=None):
     """A reference model (reference_model.rollout) as a rollout function for score_method."""
-    import reference_model as RM
-
     def roll(s, R):
-        out = RM.rollout(model, tok, s, R=R, top_k=top_k, temperature=temperature, generator=generator,
+        out = reference_model.rollout(model, tok, s, R=R, top_k=top_k, temperature=temperature, generator=generator,
                          batch_worlds=batch_worlds)
         return out["traj"][..., :2], out["z"], out["traj"][..., 2]              # [B, R, A, 80, 2], [B, R, A, 80] x2
     return roll
@@ -269,29 +265,26 @@ def rollout_fn(kind: str, path: Path | None, runs: Path, device, seed: int):
         return constant_velocity, 0
     if kind == "human":
         return (lambda s, R: human_driver_rollout(s, R, seed=seed)), 0
-    import reference_model as RM
     if kind == "reference":
-        model, tok, _ = RM.load_reference(path, device)
+        model, tok, _ = reference_model.load_reference(path, device)
         stage = torch.load(path, map_location="cpu", weights_only=True).get("stage_cfg", {})
         gen = torch.Generator(device=device).manual_seed(seed)
         return reference_rollout(model, tok, stage.get("eval_top_k", 8), stage.get("eval_temperature", 1.0),
                                  stage.get("eval_worlds", 256), gen), model.n_params
-    import ppo_anchor as PA
-    policy, cfg = PA.load_policy(path, device)
-    _, tok, _ = RM.load_reference(runs / "reference" / "catk.pt", device)  # the vocabulary the policy acts in
+    policy, cfg = ppo_anchor.load_policy(path, device)
+    _, tok, _ = reference_model.load_reference(runs / "reference" / "catk.pt", device)  # the vocabulary the policy acts in
 
     def roll(s, R):
         torch.manual_seed(seed)
-        return PA.policy_rollout(policy, s, R, tok.table, cfg)
-    return roll, PA.count_parameters(policy)
+        return ppo_anchor.policy_rollout(policy, s, R, tok.table, cfg)
+    return roll, ppo_anchor.count_parameters(policy)
 
 
 def held_out_scenes(runs: Path) -> Scenes:
     """The reference stage's held-out toy test split (the same scenes every stage scored)."""
-    import scenes as S
     ck = Path(runs) / "reference" / "bc.pt"
     cfg = torch.load(ck, map_location="cpu", weights_only=True)["stage_cfg"] if ck.is_file() else {}
-    return S.toy_dataset("test", cfg.get("n_test", 32), seed=cfg.get("data_seed", 0),
+    return toy_dataset("test", cfg.get("n_test", 32), seed=cfg.get("data_seed", 0),
                          cache_dir=cfg.get("cache_dir", "data"))
 
 
@@ -301,7 +294,6 @@ def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int 
     stage's test split) and, where present, the real WOMD examples; write results.md, results.json
     and the pictures to runs/eval. A method is re-scored only when its checkpoint changed since the
     last results.json (so `--stage all` resumes)."""
-    import scenes as S
     runs, device = Path(runs), torch.device(device)
     out_dir = runs / "eval"
     res_path = out_dir / "results.json"
@@ -309,9 +301,9 @@ def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int 
     suites = {"toy": held_out_scenes(runs) if toy is None else toy}
     if n_test is not None:
         suites["toy"] = suites["toy"].select(slice(0, n_test))
-    root = S.find_womd_examples() if womd else None
+    root = find_womd_examples() if womd else None
     if root is not None:
-        suites["womd"] = S.load_womd_dir(root)
+        suites["womd"] = load_womd_dir(root)
     results = dict(R=R, seed=seed, device=str(device), date=time.strftime("%Y-%m-%d"), suites={})
     for suite, scenes in suites.items():
         scenes = scenes.to(device)
@@ -333,10 +325,10 @@ def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int 
             fn, params = rollout_fn(kind, path, runs, device, seed)
             m = score_method(fn, scenes, R, batch, progress=True, desc=f"{suite}: {name}")
             table[name] = dict(m, params=params, checkpoint=str(path) if path else None, mtime=stamp)
-            write_json(res_path, results)                      # after every method: never lose finished work
+            save_atomic(results, res_path)                      # after every method: never lose finished work
             print(f"{suite} {name}: realism meta {m['realism_meta']:.4f}, minADE {m['min_ade']:.2f} m, "
                   f"{m['scenarios_per_s']:.1f} scenarios/s")
-    write_json(res_path, results)
+    save_atomic(results, res_path)
 
     # ---- results.md and pictures -------------------------------------------------------------
     md = [f"# Results ({results['date']}, device {device}, {R} rollouts per scene, sampling seed {seed})", ""]
@@ -387,3 +379,115 @@ def training_curves(runs: Path, seed: int = 0) -> dict:
     curves["SMART-R1: RFT reward per step"] = {k[4:]: [h["reward"] for h in v] for k, v in r1.items()
                                               if k.startswith("rft_") and isinstance(v, list)}
     return curves
+
+
+# --------------------------------------------------------------------------------------------
+# The env's sanity report: OMP_NUM_THREADS=1 python evaluate.py --env-report --toy 16 --R 8 --seed 0
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def log_replay_events(scenes: Scenes) -> dict:
+    """Replay every agent's log through the env and compare its events with the metric's.
+
+    No agent is controlled, so the env moves every agent along its log; we record the env's
+    collision / off-road flags at steps 11..90. The same flags are computed by wosac_metrics on the
+    logged trajectories themselves (`trajectory_features` with the log as the one rollout).
+    Returns [B, A] bool tensors: `agents` (sim agents: valid at step 10) and, per agent, any event
+    on steps 11..90: env_collision, env_offroad, metric_collision, metric_offroad."""
+    log_only = dataclasses.replace(scenes, controlled=torch.zeros_like(scenes.controlled))
+    env = MultiAgentEnv(log_only, EnvConfig(mode="continuous"))
+    env.reset()
+    no_action = torch.zeros(env.B, env.A, 2, device=env.device)               # [B, A, 2] ignored: nobody is controlled
+    coll, off = [], []
+    for t in range(NOW, T - 1):
+        _, _, info = env.step(no_action)
+        coll.append(info["collided"])                                          # [B, A] at step t + 1
+        off.append(info["offroad"])                                            # [B, A]
+    env_coll = torch.stack(coll, -1)                                           # [B, A, 80]
+    env_off = torch.stack(off, -1)                                             # [B, A, 80]
+
+    f = trajectory_features(scenes, scenes.pos[:, None], scenes.z[:, None], scenes.yaw[:, None],
+                               scenes.valid[:, None])                          # dict of [B, 1, A, 80]
+    valid = f["valid"][:, 0]                                                   # [B, A, 80] logged steps
+    agents = scenes.valid[:, :, NOW]                                           # [B, A] sim agents
+    return dict(agents=agents,
+                env_collision=env_coll.any(-1) & agents, env_offroad=env_off.any(-1) & agents,
+                metric_collision=(f["collision_per_step"][:, 0] & valid).any(-1) & agents,
+                metric_offroad=(f["offroad_per_step"][:, 0] & valid).any(-1) & agents)
+
+
+@torch.no_grad()
+def human_driver_spread(scenes: Scenes, R: int, seed: int) -> dict:
+    """The toy human driver re-run closed loop from step 10, R times per scene with new noise
+    (evaluate.human_driver_rollout), scored by WOSAC: dataset means of collision_rate and
+    offroad_rate (fraction of (rollout, scored agent) pairs with any event), min_ade and
+    realism_meta; plus `spread`, the mean over scored agents of the mean distance between two
+    rollouts' final positions (step 90)."""
+    pos, z, yaw = human_driver_rollout(scenes, R, seed=seed)                   # [B, R, A, 80, 2], [B, R, A, 80] x2
+    per_scene = [score_rollouts(scenes.select([b]), pos[b:b + 1], z[b:b + 1], yaw[b:b + 1])
+                 for b in range(scenes.B)]                                     # one scene at a time: bounded memory
+    out = dataset_means({k: torch.cat([p[k] for p in per_scene]) for k in per_scene[0]})
+    final = pos[:, :, :, -1].transpose(1, 2)                                   # [B, A, R, 2] step 90
+    pair = torch.cdist(final, final)                                           # [B, A, R, R]
+    mean_pair = pair.sum((-1, -2)) / (R * (R - 1))                             # [B, A] diagonal is 0
+    scored = scenes.eval_mask & scenes.valid[:, :, NOW]                        # [B, A]
+    out["spread"] = mean_pair[scored].mean().item()
+    out["n_agents"] = int(scored.sum())
+    return out
+
+
+def env_report(argv=None) -> None:
+    """Print the env's sanity numbers as markdown: (a) log replay through the env, its event
+    flags against the metric's on the same logs; (b) the human driver re-run closed loop."""
+    p = argparse.ArgumentParser(description="The env's sanity report: log replay events and human-driver "
+                                "rollouts through the env (the results table is `python train.py --stage eval`)")
+    p.add_argument("--env-report", action="store_true", required=True, help="print the env's sanity report")
+    p.add_argument("--toy", type=int, default=16, help="toy scenes")
+    p.add_argument("--R", type=int, default=8, help="human-driver rollouts per toy scene")
+    p.add_argument("--seed", type=int, default=0, help="toy scenes seed; the driver uses seed + 1")
+    args = p.parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    print(f"`OMP_NUM_THREADS=1 python {' '.join(['evaluate.py'] + given)}` "
+          f"(--toy {args.toy} --R {args.R} --seed {args.seed})\n")
+
+    toy_name = f"toy ({args.toy} scenes, seed {args.seed})"
+    toy = make_toy_scenes(args.toy, seed=args.seed)
+    suites = {toy_name: toy}
+    root = find_womd_examples()
+    if root is None:
+        print("WOMD examples skipped: no folder found (set WOMD_EXAMPLES or add ../shared/data/womd_examples)\n")
+    else:
+        womd = load_womd_dir(root)
+        suites[f"WOMD ({womd.B} example scenes)"] = womd
+
+    print("## (a) Log replay: any collision / off-road on steps 11..90, fraction of sim agents\n")
+    print("| scenes | sim agents | collision: env | collision: metric | off-road: env | off-road: metric "
+          "| agents where env != metric (coll / off) | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, sc in suites.items():
+        t0 = time.perf_counter()
+        e = log_replay_events(sc)
+        n = int(e["agents"].sum())
+        rate = lambda k: e[k].sum().item() / n
+        diff = lambda k: int((e["env_" + k] != e["metric_" + k]).sum())
+        print(f"| {name} | {n} | {rate('env_collision'):.4f} | {rate('metric_collision'):.4f} "
+              f"| {rate('env_offroad'):.4f} | {rate('metric_offroad'):.4f} "
+              f"| {diff('collision')} / {diff('offroad')} | {time.perf_counter() - t0:.1f} |")
+
+    print(f"\n## (b) Human driver re-run closed loop from step 10, R = {args.R} new seeds per toy scene\n")
+    print("| scenes | scored agents | collision rate | off-road rate | final-position spread (m) "
+          "| minADE (m) | realism meta | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    t0 = time.perf_counter()
+    h = human_driver_spread(toy, args.R, seed=args.seed + 1)
+    print(f"| {toy_name} | {h['n_agents']} | {h['collision_rate']:.4f} | {h['offroad_rate']:.4f} "
+          f"| {h['spread']:.2f} | {h['min_ade']:.3f} | {h['realism_meta']:.4f} | {time.perf_counter() - t0:.1f} |")
+    print("\n(a) env: the env's per-step flags with every agent replaying its log; metric: "
+          "wosac_metrics.trajectory_features of the log. (b) rates and minADE as score_rollouts "
+          "reports them (mean over scenes; collision / off-road: fraction of (rollout, scored agent) "
+          "pairs with any event; minADE over all 91 steps, history included, as WOSAC defines it); "
+          "spread: mean over scored agents of the mean pairwise distance between the R rollouts' "
+          "positions at step 90.")
+
+
+if __name__ == "__main__":
+    env_report()

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from geometry import cross2, gather_rows
 from scenes import DT, LANE, OTHER, Scenes, wrap_angle
 
 STOP_SIGN_CODE = 17   # WOMD map_element_id of a stop sign; the toy maps draw it as a stop line
@@ -82,23 +83,13 @@ class DriverConfig:
     window: tuple = (-12, 60, 4)                # route-window points (from, to, step) in route points (~m)
 
 
-def _take(x, idx):
-    """x [B, A, P] or [B, A, P, D] gathered along P at idx [B, A, *I] -> [B, A, *I] or [B, A, *I, D]."""
+def _along(x, idx):
+    """x [B, A, P] or [B, A, P, D] read along the route points P at idx [B, A, *I] -> [B, A, *I] or [B, A, *I, D]."""
     flat = idx.flatten(2)                                                 # [B, A, I]
     if x.dim() == 3:
         return x.gather(2, flat).view(idx.shape)
     D = x.shape[-1]
     return x.gather(2, flat.unsqueeze(-1).expand(*flat.shape, D)).view(*idx.shape, D)
-
-
-def _of(x, nb):
-    """Per-agent x [B, A] or [B, A, D] read for neighbours nb [B, A, K] -> [B, A, K] or [B, A, K, D]."""
-    b = torch.arange(x.shape[0], device=x.device).view(-1, 1, 1)          # [B, 1, 1]
-    return x[b, nb]
-
-
-def _cross(u, v):
-    return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
 
 
 def _first_true(m):
@@ -147,7 +138,7 @@ def _scene_conflicts(rp, rs, tang, n_pts, L, W, cfg: DriverConfig):
     Uq = U.unsqueeze(0).expand(n, n, C, 2).gather(2, q.transpose(1, 2).unsqueeze(-1).expand(n, n, C, 2))  # [n(i), n(j), C, 2]
     Uq = Uq.transpose(1, 2)                                               # [n(i), C, n(j), 2] j's direction there
     cos = (U.unsqueeze(2) * Uq).sum(-1)                                   # [n, C, n]
-    sin = _cross(U.unsqueeze(2), Uq).abs()                                # [n, C, n]
+    sin = cross2(U.unsqueeze(2), Uq).abs()                                # [n, C, n]
     # crossing (> 20 degrees) within conflict_radius, or nearly parallel but closer than 2 m (merging);
     # parallel paths further apart (lanes, sidewalks) are neighbours, not conflicts
     near = ((dmin < cfg.conflict_radius) & (sin > 0.34) | (dmin < 2.0)) & (cos > -0.87) & V.unsqueeze(-1)
@@ -194,8 +185,8 @@ def _scene_stop_lines(rp, rs, n_pts, a, b):
     if a.shape[0] == 0:
         return out
     p0, p1 = rp[:, :-1, None], rp[:, 1:, None]                            # [A, P-1, 1, 2]
-    o1 = _cross(p1 - p0, a - p0) * _cross(p1 - p0, b - p0)                # [A, P-1, M] a, b on both sides
-    o2 = _cross(b - a, p0 - a) * _cross(b - a, p1 - a)                    # [A, P-1, M] p0, p1 on both sides
+    o1 = cross2(p1 - p0, a - p0) * cross2(p1 - p0, b - p0)                # [A, P-1, M] a, b on both sides
+    o2 = cross2(b - a, p0 - a) * cross2(b - a, p1 - a)                    # [A, P-1, M] p0, p1 on both sides
     k = torch.arange(rp.shape[1] - 1, device=rp.device)                   # [P-1]
     hit = ((o1 < 0) & (o2 < 0)).any(-1) & (k < (n_pts - 1).unsqueeze(1))  # [A, P-1]
     idx, any_hit = _first_true(hit)                                       # [A]
@@ -265,8 +256,8 @@ class HumanDriver:
         r = torch.cat([r, r[:, :, -1:].expand(-1, -1, self.EXTEND, -1)], 2)  # [B, A, P, 2]
         P = r.shape[2]
         k = torch.arange(P, device=dev).view(1, 1, P)                      # [1, 1, P]
-        p_last = _take(r, last.unsqueeze(-1)).squeeze(2)                   # [B, A, 2]
-        d_last = p_last - _take(r, (last - 1).unsqueeze(-1)).squeeze(2)    # [B, A, 2] last step, repeated
+        p_last = _along(r, last.unsqueeze(-1)).squeeze(2)                   # [B, A, 2]
+        d_last = p_last - _along(r, (last - 1).unsqueeze(-1)).squeeze(2)    # [B, A, 2] last step, repeated
         ext = p_last.unsqueeze(2) + (k - last.unsqueeze(-1)).clamp(min=0).unsqueeze(-1) * d_last.unsqueeze(2)  # [B, A, P, 2]
         self.rp = torch.where((k <= last.unsqueeze(-1)).unsqueeze(-1), r, ext)  # [B, A, P, 2]
         seg = self.rp[:, :, 1:] - self.rp[:, :, :-1]                       # [B, A, P-1, 2]
@@ -347,18 +338,18 @@ class HumanDriver:
         sq = lambda d: d[..., 0] ** 2 + d[..., 1] ** 2
         kc = sq(self.rp_coarse - pos.unsqueeze(2)).argmin(-1, keepdim=True) * c  # [B, A, 1]
         idx = (kc + torch.arange(-c, c + 1, device=pos.device)).clamp(0, P - 1)  # [B, A, 2c+1]
-        k = idx.gather(2, sq(_take(self.rp, idx) - pos.unsqueeze(2)).argmin(-1, keepdim=True))  # [B, A, 1]
-        behind = ((pos.unsqueeze(2) - _take(self.rp, k)) * _take(self.tang, k)).sum(-1) < 0  # [B, A, 1]
+        k = idx.gather(2, sq(_along(self.rp, idx) - pos.unsqueeze(2)).argmin(-1, keepdim=True))  # [B, A, 1]
+        behind = ((pos.unsqueeze(2) - _along(self.rp, k)) * _along(self.tang, k)).sum(-1) < 0  # [B, A, 1]
         j = (k - behind.long()).clamp(min=0)                               # [B, A, 1]
-        a, u = _take(self.rp, j).squeeze(2), _take(self.tang, j).squeeze(2)  # [B, A, 2]
-        ln = _take(self.seg_len, j).squeeze(-1)                            # [B, A]
+        a, u = _along(self.rp, j).squeeze(2), _along(self.tang, j).squeeze(2)  # [B, A, 2]
+        ln = _along(self.seg_len, j).squeeze(-1)                            # [B, A]
         rel = pos - a                                                      # [B, A, 2]
         t = (rel * u).sum(-1)                                              # [B, A]
         t = torch.where(j.squeeze(-1) == 0, torch.minimum(t, ln), torch.minimum(t.clamp(min=0.0), ln))  # extrapolate before the start
-        s = _take(self.rs, j).squeeze(-1) + t                              # [B, A]
+        s = _along(self.rs, j).squeeze(-1) + t                              # [B, A]
         f = (t / ln).clamp(0.0, 1.0)
-        kap = (1 - f) * _take(self.kap, j).squeeze(-1) + f * _take(self.kap, (j + 1).clamp(max=P - 1)).squeeze(-1)
-        return s, _cross(u, rel), _take(self.psi, j).squeeze(-1), kap, j.squeeze(-1)
+        kap = (1 - f) * _along(self.kap, j).squeeze(-1) + f * _along(self.kap, (j + 1).clamp(max=P - 1)).squeeze(-1)
+        return s, cross2(u, rel), _along(self.psi, j).squeeze(-1), kap, j.squeeze(-1)
 
     def _in_route_frame(self, q, yaw_q, j, s):
         """Points q [B, A, K, 2] (my neighbours, heading yaw_q [B, A, K]) seen in my route frame
@@ -367,20 +358,20 @@ class HumanDriver:
         B, A, K = q.shape[:3]
         P, W = self.rp.shape[2], self.win.numel()
         widx = (j.unsqueeze(-1) + self.win).clamp(0, P - 1)               # [B, A, W]
-        wp, ws = _take(self.rp, widx), _take(self.rs, widx)                # [B, A, W, 2], [B, A, W]
+        wp, ws = _along(self.rp, widx), _along(self.rs, widx)                # [B, A, W, 2], [B, A, W]
         wu = torch.cat([wp[:, :, 1:] - wp[:, :, :-1], wp[:, :, -1:] - wp[:, :, -2:-1]], 2)  # [B, A, W, 2]
         wl = wu.norm(dim=-1).clamp(min=1e-3)                               # [B, A, W]
         wu = wu / wl.unsqueeze(-1)
         m = torch.cdist(q.flatten(0, 1), wp.flatten(0, 1)).argmin(-1).view(B, A, K)  # [B, A, K] nearest window point
-        behind = ((q - _take(wp, m)) * _take(wu, m)).sum(-1) < 0           # [B, A, K]
+        behind = ((q - _along(wp, m)) * _along(wu, m)).sum(-1) < 0           # [B, A, K]
         m = (m - behind.long()).clamp(0, W - 1)                            # [B, A, K]
-        a, u, ln = _take(wp, m), _take(wu, m), _take(wl, m)                # [B, A, K, 2], [B, A, K, 2], [B, A, K]
+        a, u, ln = _along(wp, m), _along(wu, m), _along(wl, m)                # [B, A, K, 2], [B, A, K, 2], [B, A, K]
         rel = q - a                                                        # [B, A, K, 2]
         t_raw = (rel * u).sum(-1)                                          # [B, A, K]
         inside = ((m > 0) | (t_raw >= 0)) & ((m < W - 2) | (t_raw <= ln))
-        ds = _take(ws, m) + t_raw.clamp(min=0.0) - s.unsqueeze(-1)         # [B, A, K]
+        ds = _along(ws, m) + t_raw.clamp(min=0.0) - s.unsqueeze(-1)         # [B, A, K]
         dpsi = wrap_angle(yaw_q - torch.atan2(u[..., 1], u[..., 0]))       # [B, A, K]
-        return ds, _cross(u, rel), dpsi, inside
+        return ds, cross2(u, rel), dpsi, inside
 
     # ---- one decision ------------------------------------------------------------------------
     def act(self, pos, yaw, speed, active, t: int = 0):
@@ -405,7 +396,7 @@ class HumanDriver:
         dist = torch.where(pair_ok, torch.cdist(pos, pos), torch.full_like(pair_ok, math.inf, dtype=pos.dtype))  # [B, A, A]
         dk, nb = dist.topk(max(1, min(cfg.neighbours, A - 1)), dim=-1, largest=False)  # [B, A, K]
         feats = torch.stack([pos[..., 0], pos[..., 1], yaw, L, Wd, v, self.s0, self.T, self.a_max, self.b], -1)  # [B, A, 10]
-        xj, yj, yawj, Lj, Wj, vj, s0j, Tj, amaxj, bj = _of(feats, nb).unbind(-1)  # [B, A, K] each
+        xj, yj, yawj, Lj, Wj, vj, s0j, Tj, amaxj, bj = gather_rows(feats, nb).unbind(-1)  # [B, A, K] each
         ds, ej, dpsi, inside = self._in_route_frame(torch.stack([xj, yj], -1), yawj, j, s)  # [B, A, K]
         nb_ok = torch.isfinite(dk) & inside
         cos_d, sin_d = dpsi.cos(), dpsi.sin()
@@ -431,7 +422,7 @@ class HumanDriver:
             return now, term, side
 
         # ---- 2. which lane: keep it, go on with a change, or start one --------------------------
-        adj = _take(self.adj, (j // self.adj_step).unsqueeze(-1)).squeeze(2)  # [B, A, 2]
+        adj = _along(self.adj, (j // self.adj_step).unsqueeze(-1)).squeeze(2)  # [B, A, 2]
         off_l, off_r = adj[..., 0], adj[..., 1]                            # [B, A]
         has_l, has_r = off_l > 0.5, off_r < -0.5
         inf, nan = torch.full_like(e, math.inf), torch.full_like(e, math.nan)
@@ -469,8 +460,8 @@ class HumanDriver:
         _, term, _ = band(torch.minimum(e, target) - half, torch.maximum(e, target) + half)  # [B, A]
         P = self.rp.shape[2]
         widx = (j.unsqueeze(-1) + self.win[self.win >= 0]).clamp(0, P - 1)  # [B, A, W']
-        w_ds = (_take(self.rs, widx) - s.unsqueeze(-1)).clamp(min=0.0)    # [B, A, W']
-        v_curve = torch.sqrt(self.lat_acc.unsqueeze(-1) / _take(self.kap, widx).abs().clamp(min=1e-4)
+        w_ds = (_along(self.rs, widx) - s.unsqueeze(-1)).clamp(min=0.0)    # [B, A, W']
+        v_curve = torch.sqrt(self.lat_acc.unsqueeze(-1) / _along(self.kap, widx).abs().clamp(min=1e-4)
                              + 2 * self.b.unsqueeze(-1) * w_ds)            # [B, A, W'] brake in time for the curve
         v0 = torch.minimum(self.v0, v_curve.amin(-1))                      # [B, A]
 

@@ -583,11 +583,3 @@ def load_policy(path, device="cpu") -> tuple:
     policy = LateFusionPolicy(d["K"], cfg.embed, cfg.hidden, cfg.type_heads).to(device)
     policy.load_state_dict(d["policy"])
     return policy.eval(), cfg
-
-
-def save_atomic(obj, path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

@@ -48,7 +48,6 @@ the logits of the rollout, because the choices are detached).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,8 +55,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scenes import NOW, T, Scenes, wrap_angle
-from tokenizer import MotionTokenizer, apply_local, box_corners, box_lw, corner_distance, log_poses
+from scenes import NOW, T, Scenes, apply_local, save_atomic, wrap_angle
+from tokenizer import MotionTokenizer, box_lw, corner_distance, corners_at, log_poses
 
 
 @dataclass
@@ -437,7 +436,7 @@ def catk_choice(tok: MotionTokenizer, logits, pose, target, target_ok, agent_typ
     end = tok.table[:, :, -1][agent_type]                                      # [B, A, K, 3]
     cand = apply_local(pose, end.gather(2, idx[..., None].expand(-1, -1, -1, 3)))  # [B, A, k, 3]
     lw = box_lw(agent_type)                                                    # [B, A, 2]
-    d = corner_distance(box_corners(cand, lw[:, :, None]), box_corners(target, lw)[:, :, None])  # [B, A, k]
+    d = corner_distance(corners_at(cand, lw[:, :, None]), corners_at(target, lw)[:, :, None])  # [B, A, k]
     best = idx.gather(-1, d.argmin(-1, keepdim=True)).squeeze(-1)              # [B, A]
     return torch.where(target_ok, best, idx[..., 0])
 
@@ -545,12 +544,8 @@ def catk_loss(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, top_k
 # Checkpoints
 # --------------------------------------------------------------------------------------------
 def save_checkpoint(path, model: ReferenceModel, tok: MotionTokenizer, **extra) -> None:
-    """Atomic: write a temporary file, then rename, so an interruption never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(dict(model=model.state_dict(), model_cfg=asdict(model.cfg), tokenizer=tok.state_dict(), **extra), tmp)
-    os.replace(tmp, path)
+    """Model, its config and tokenizer, plus `extra` (optimizer, epoch, ...), saved atomically."""
+    save_atomic(dict(model=model.state_dict(), model_cfg=asdict(model.cfg), tokenizer=tok.state_dict(), **extra), path)
 
 
 def load_reference(path, device="cpu") -> tuple:

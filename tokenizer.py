@@ -58,7 +58,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from scenes import DT, NOW, T, AGENT_TYPES, Scenes, wrap_angle
+from geometry import box_corners
+from scenes import AGENT_TYPES, DT, NOW, T, Scenes, apply_local, to_local, wrap_angle
+from toy_scenes import make_toy_scenes
+from womd import find_womd_examples, load_womd_dir
 
 VALID_SPT = (1, 2, 5, 10)           # must divide both NOW = 10 and T - 1 = 90
 BOX_LW = ((4.8, 2.0), (1.0, 1.0), (2.0, 1.0))  # fixed (length, width) per type for corner distances
@@ -81,35 +84,16 @@ class TokenizerConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Pose algebra and box geometry
+# Box geometry (pose algebra: scenes.apply_local / to_local)
 # --------------------------------------------------------------------------------------------
-def apply_local(pose: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """Place local poses in the world: pose [..., 3] (x, y, yaw), local [..., P, 3] -> [..., P, 3].
-    The simulator's token mode calls exactly this, so it reproduces `decode` to float precision."""
-    c, s = torch.cos(pose[..., 2:3]), torch.sin(pose[..., 2:3])              # [..., 1]
-    x = pose[..., None, 0] + c * local[..., 0] - s * local[..., 1]           # [..., P]
-    y = pose[..., None, 1] + s * local[..., 0] + c * local[..., 1]           # [..., P]
-    yaw = wrap_angle(pose[..., None, 2] + local[..., 2])                     # [..., P]
-    return torch.stack([x, y, yaw], -1)                                      # [..., P, 3]
+_CORNER_ORDER = (0, 3, 2, 1)   # geometry.box_corners' counter-clockwise order -> the vocabulary's
 
 
-def to_local(pose: torch.Tensor, world: torch.Tensor) -> torch.Tensor:
-    """Inverse of `apply_local`: world poses [..., P, 3] in the frame of pose [..., 3]."""
-    c, s = torch.cos(pose[..., 2:3]), torch.sin(pose[..., 2:3])              # [..., 1]
-    dx = world[..., 0] - pose[..., None, 0]                                  # [..., P]
-    dy = world[..., 1] - pose[..., None, 1]                                  # [..., P]
-    yaw = wrap_angle(world[..., 2] - pose[..., None, 2])                     # [..., P]
-    return torch.stack([c * dx + s * dy, -s * dx + c * dy, yaw], -1)         # [..., P, 3]
-
-
-def box_corners(pose: torch.Tensor, lw: torch.Tensor) -> torch.Tensor:
-    """Corners of boxes: pose [..., 3], lw [..., 2] (length, width) broadcastable -> [..., 4, 2]."""
-    sign = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, -1.0], [-1.0, 1.0]], device=pose.device)  # [4, 2]
-    offset = 0.5 * lw[..., None, :] * sign                                   # [..., 4, 2]
-    c, s = torch.cos(pose[..., 2:3]), torch.sin(pose[..., 2:3])              # [..., 1]
-    x = pose[..., None, 0] + c * offset[..., 0] - s * offset[..., 1]         # [..., 4]
-    y = pose[..., None, 1] + s * offset[..., 0] + c * offset[..., 1]         # [..., 4]
-    return torch.stack([x, y], -1)                                           # [..., 4, 2]
+def corners_at(pose: torch.Tensor, lw: torch.Tensor) -> torch.Tensor:
+    """Corners of boxes at poses: pose [..., 3], lw [..., 2] (length, width) broadcastable -> [..., 4, 2],
+    in the order front-left, front-right, rear-right, rear-left. The order is the one the
+    vocabularies were fitted with: corner_distance sums in it, and another order rounds differently."""
+    return box_corners(pose[..., :2], pose[..., 2], lw[..., 0], lw[..., 1])[..., _CORNER_ORDER, :]  # [..., 4, 2]
 
 
 def corner_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -188,7 +172,7 @@ def arc_segments(spt: int, v_max: float, w_max: float, a_lat: float) -> torch.Te
 
 def end_corners(segments: torch.Tensor, lw: torch.Tensor) -> torch.Tensor:
     """Corners of the box at each segment's last pose: [M, spt, 3] -> [M, 4, 2]."""
-    return box_corners(segments[:, -1], lw)
+    return corners_at(segments[:, -1], lw)
 
 
 def k_disks(segments: torch.Tensor, K: int, tol: float, lw: torch.Tensor, seed: int) -> torch.Tensor:
@@ -368,7 +352,7 @@ class MotionTokenizer:
         end = self.table[:, :, -1][agent_type.clamp(0, 2)]                  # [..., K, 3]
         cand = apply_local(pose, end)                                       # [..., K, 3] K plays P
         lw = box_lw(agent_type)                                             # [..., 2]
-        d = corner_distance(box_corners(cand, lw[..., None, :]), box_corners(target, lw)[..., None, :, :])  # [..., K]
+        d = corner_distance(corners_at(cand, lw[..., None, :]), corners_at(target, lw)[..., None, :, :])  # [..., K]
         return d.argmin(-1)
 
     @torch.no_grad()
@@ -480,15 +464,14 @@ def reconstruction_error(tok: MotionTokenizer, scenes: Scenes) -> dict:
 def load_source(source: str, n: int) -> tuple:
     """(scenes to fit on, scenes to evaluate on): the 8 WOMD examples for both (there are no
     more), or n toy scenes to fit on and n // 4 other toy scenes to evaluate on."""
-    import scenes as S
     if source == "womd":
-        root = S.find_womd_examples()
+        root = find_womd_examples()
         if root is None:
             raise SystemExit("no WOMD example scenes found: set WOMD_EXAMPLES or add ../shared/data/womd_examples")
-        womd = S.load_womd_dir(root)
+        womd = load_womd_dir(root)
         return womd, womd
     if source == "toy":
-        return S.make_toy_scenes(n, seed=0), S.make_toy_scenes(max(1, n // 4), seed=1)
+        return make_toy_scenes(n, seed=0), make_toy_scenes(max(1, n // 4), seed=1)
     raise SystemExit(f"--source must be womd or toy, got {source!r}")
 
 

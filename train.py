@@ -24,6 +24,7 @@ all        reference, spacer (PPO, HR-PPO, SPACeR), r1 and eval in order, resumi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -36,10 +37,13 @@ import torch
 from tqdm import tqdm
 
 import evaluate as E
+import ppo_anchor as PA
+import r1_finetune as R1
 import reference_model as RM
 import scenes as S
 from scenes import DT, NOW, T, Scenes
 from tokenizer import MotionTokenizer, TokenizerConfig
+from toy_scenes import toy_dataset
 
 
 @dataclass
@@ -133,11 +137,9 @@ def trim(scenes: Scenes, tokens: dict | None = None) -> tuple:
 
 
 def load_splits(cfg: ReferenceStageConfig) -> dict:
-    """Toy train / val / test splits (generated once, then cached on disk by scenes.toy_dataset)."""
-    if not hasattr(S, "toy_dataset"):
-        raise SystemExit("scenes.toy_dataset is not available: the toy scene generator is missing")
+    """Toy train / val / test splits (generated once, then cached on disk by toy_scenes.toy_dataset)."""
     sizes = dict(train=cfg.n_train, val=cfg.n_val, test=cfg.n_test)
-    return {split: S.toy_dataset(split, n, seed=cfg.data_seed, cache_dir=cfg.cache_dir) for split, n in sizes.items()}
+    return {split: toy_dataset(split, n, seed=cfg.data_seed, cache_dir=cfg.cache_dir) for split, n in sizes.items()}
 
 
 def batches(n: int, size: int, shuffle: bool, gen=None) -> list:
@@ -213,7 +215,7 @@ def train_phase(phase: str, model, tok, opt, data: dict, enc: dict, cfg: Referen
         entry = dict(epoch=epoch + 1, train_loss=sums["loss"] / n_batches, train_acc=sums["acc"] / n_batches,
                      val_loss=val_loss, val_acc=val_acc, train_s=train_s, train_cpu_s=train_cpu_s)
         log[phase] = [e for e in log.get(phase, []) if e["epoch"] <= epoch] + [entry]
-        E.write_json(log_path, log)  # first the log: a resume drops log entries past the checkpoint's epoch
+        S.save_atomic(log, log_path)  # first the log: a resume drops log entries past the checkpoint's epoch
         RM.save_checkpoint(ckpt, model, tok, stage_cfg=asdict(cfg), optimizer=opt.state_dict(), epoch=epoch + 1,
                            phase=phase)
         print(f"{phase} epoch {epoch + 1}/{epochs}: train loss {entry['train_loss']:.3f} acc {entry['train_acc']:.3f} | "
@@ -317,7 +319,7 @@ def stage_reference(args) -> dict:
         results[name] = dict(evaluate_model(m, tok, test, cfg, seed=cfg.seed), params=m.n_params)
     log["eval"] = dict(results=results, eval_s=time.perf_counter() - t0, R=cfg.eval_R, n_test=test.B)
     log["total_s_this_run"] = time.perf_counter() - t_start
-    E.write_json(log_path, log)
+    S.save_atomic(log, log_path)
     print(f"\nheld-out toy test scenes: {test.B}, {cfg.eval_R} rollouts each (WOSAC 2025 weights)")
     print(E.format_table(results))
     print(f"checkpoints: {bc_path}, {catk_path}\nlog and results: {log_path}")
@@ -366,8 +368,6 @@ def stage_spacer(args) -> dict:
         python train.py --stage spacer --alpha 0.1 --beta 0     # ablation: likelihood reward only
         python train.py --stage spacer --quick                  # smoke run (about a minute)
     """
-    import functools
-    import ppo_anchor as PA
     device = pick_device(args.device)
     anchor = getattr(args, "anchor", None) or "spacer"
     ref_path = Path(args.runs) / "reference" / "catk.pt"
@@ -417,7 +417,7 @@ def stage_spacer(args) -> dict:
             t0 = time.perf_counter()
             teacher, acc = PA.train_bc(cfg, train_scenes, {k: v.to(device) for k, v in enc.items()}, tok.table,
                                        tok.n0, progress=True)
-            PA.save_atomic(teacher.state_dict(), bc_path)
+            S.save_atomic(teacher.state_dict(), bc_path)
             log.update(bc_accuracy=acc, bc_s=time.perf_counter() - t0)
             print(f"BC teacher: {PA.count_parameters(teacher):,} parameters, token accuracy {acc:.3f} -> {bc_path}")
         teacher.eval()
@@ -428,7 +428,7 @@ def stage_spacer(args) -> dict:
     # ---- self-play PPO -------------------------------------------------------------------------
     t0 = time.perf_counter()
     policy, history = PA.train(cfg, train_scenes, enc, tok.table, tok.n0, log_p_ref=log_p_ref,
-                               teacher=teacher, state=state, ckpt_fn=lambda st: PA.save_atomic(st, policy_path),
+                               teacher=teacher, state=state, ckpt_fn=lambda st: S.save_atomic(st, policy_path),
                                progress=True)
     steps = sum(h["agent_steps"] for h in history)
     log.update(n_params=n_params, reference_params=ref.n_params, history=history, train_s_this_run=time.perf_counter() - t0,
@@ -444,7 +444,7 @@ def stage_spacer(args) -> dict:
     log["eval"] = E.score_method(lambda s, R: PA.policy_rollout(policy, s, R, tok.table, cfg, timing), test,
                                  cfg.eval_rollouts, cfg.eval_batch, progress=True)
     log["eval"]["policy_only_scenarios_per_s"] = n_test * cfg.eval_rollouts / timing["policy_s"]
-    E.write_json(log_path, log)
+    S.save_atomic(log, log_path)
     ref_log = spacer_dir / "reference" / "log.json"
     fresh = ref_log.is_file() and ref_log.stat().st_mtime > ref_path.stat().st_mtime
     if not fresh or json.loads(ref_log.read_text())["eval"]["n_scenes"] != n_test:
@@ -452,8 +452,8 @@ def stage_spacer(args) -> dict:
                                           ref_stage.eval_worlds)
         torch.manual_seed(cfg.seed)
         (spacer_dir / "reference").mkdir(parents=True, exist_ok=True)
-        E.write_json(ref_log, dict(reference=str(ref_path), n_params=ref.n_params, eval=E.score_method(
-            ref_rollout, test, cfg.eval_rollouts, cfg.eval_batch, progress=True)))
+        S.save_atomic(dict(reference=str(ref_path), n_params=ref.n_params, eval=E.score_method(
+            ref_rollout, test, cfg.eval_rollouts, cfg.eval_batch, progress=True)), ref_log)
     print(f"\nheld-out toy test scenes: {n_test}, {cfg.eval_rollouts} rollouts each (WOSAC 2025 weights)")
     print(spacer_table(spacer_dir))
     print(f"training: {steps:,} agent-steps at {log['train_sps']:.0f} agent-steps/s")
@@ -478,7 +478,6 @@ def stage_r1(args) -> dict:
     runs/r1/seed<S>/*.pt and log.json atomically after every epoch / few RFT steps (--resume
     skips finished sub-stages and continues the current one); prints this seed's table and the
     mean over every seed run so far."""
-    import r1_finetune as R1
     device = pick_device(args.device)
     ref_dir = Path(args.runs) / "reference"
     bc_path, catk_path = ref_dir / "bc.pt", ref_dir / "catk.pt"
@@ -526,7 +525,7 @@ def stage_r1(args) -> dict:
         log["wall_s"][name] = log["wall_s"].get(name, 0.0) + time.perf_counter() - t0
         cpu = log.setdefault("cpu_s", {})
         cpu[name] = cpu.get(name, 0.0) + time.process_time() - c0
-        E.write_json(log_path, log)
+        S.save_atomic(log, log_path)
         return out
 
     def catk(name: str, init: Path, epochs: int) -> Path:
@@ -562,7 +561,7 @@ def stage_r1(args) -> dict:
                 RM.save_checkpoint(path, model, tok, r1_cfg=asdict(rcfg), optimizer=opt.state_dict(), step=step,
                                    history=history, tau=tau)
                 log[f"rft_{kind}"] = history
-                E.write_json(log_path, log)
+                S.save_atomic(log, log_path)
             R1.train_rft(model, R1.frozen_copy(load(sft1)), tok, get_batch, n_train, rcfg, tau, opt,
                          ck["step"] if ck else 0, ck["history"] if ck else [], save)
         return path
@@ -592,7 +591,7 @@ def stage_r1(args) -> dict:
         tau = cfg.tau if cfg.tau is not None else timed("tau", lambda: R1.measure_tau(load(sft1), tok, get_batch,
                                                                                          n_train, cfg))
         log["tau"] = tau
-        E.write_json(log_path, log)
+        S.save_atomic(log, log_path)
     tau = log["tau"]
     print(f"tau = {tau:.4f} ({'given' if cfg.tau is not None else 'SFT-1 mean reward on training scenes'}, "
           f"M={cfg.M} rollouts in {cfg.groups} group(s))")

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-import wosac_metrics as wm
-from env import EnvConfig, MultiAgentEnv, apply_local, bicycle_step, EGO_DIM, PARTNER_DIM, ROAD_DIM
-from scenes import (LANE, ROAD_EDGE, T, NOW, collate, find_womd_examples, load_womd_dir, polylines_to_segments,
-                    scene_from_numpy)
+import geometry
+from env import EGO_DIM, PARTNER_DIM, ROAD_DIM, EnvConfig, MultiAgentEnv, bicycle_step
+from scenes import LANE, ROAD_EDGE, T, collate, polylines_to_segments, scene_from_numpy
 
 
 def straight_road_scene(agents_xyv, yaw=None, controlled=None, length=4.5, width=2.0, name="road"):
@@ -53,13 +52,6 @@ def test_bicycle_straight_and_turning():
     assert v.item() == 0.0
 
 
-def test_apply_local_composes_rotation():
-    pose = torch.tensor([1.0, 2.0, math.pi / 2])
-    local = torch.tensor([[1.0, 0.0, 0.1], [0.0, 1.0, 0.0]])
-    out = apply_local(pose, local)
-    assert torch.allclose(out[0], torch.tensor([1.0, 3.0, math.pi / 2 + 0.1]), atol=1e-6)
-    assert torch.allclose(out[1, :2], torch.tensor([0.0, 2.0]), atol=1e-6)
-
 
 def test_token_mode_executes_token_exactly_and_replays_uncontrolled():
     scene = straight_road_scene([(-50, -1.75, 10.0), (-20, -1.75, 5.0)], controlled=[True, False])
@@ -94,7 +86,7 @@ def test_collision_offroad_and_goal_rewards():
     assert hit, "driving 11 m/s into a standing car must collide"
     assert total[0, 1] < -0.7 and total[0, 0] < -0.7  # both are penalised while in contact
     # the env's collision flag is exactly the metric's rounded-box distance < 0
-    d = wm.object_distance_matrix(env.pos, env.yaw, scene.size[..., 0], scene.size[..., 1], env.active)
+    d = geometry.object_distance_matrix(env.pos, env.yaw, scene.size[..., 0], scene.size[..., 1], env.active)
     assert torch.equal(env.collided, (d.min(-1).values < 0) & env.active)
 
     # off-road: drive sideways out of the road with a token that moves +y
@@ -107,7 +99,7 @@ def test_collision_offroad_and_goal_rewards():
     for n in range(4):
         _, r, info = env.step(torch.tensor([[4]]))
         flags.append(bool(info["offroad"][0, 0]))
-        full = wm.box_road_edge_distance(env.pos, env.z, env.yaw, scene.size, wm.road_edge_table(scene))
+        full = geometry.box_road_edge_distance(env.pos, env.z, env.yaw, scene.size, geometry.road_edge_table(scene))
         assert bool(info["offroad"][0, 0]) == bool(full[0, 0] > 0)
     assert flags[0] is False and flags[-1] is True  # starts on the road, ends beyond y = 6
 
@@ -125,12 +117,12 @@ def test_offroad_with_pools_matches_full_metric_on_a_long_drive():
     scene = straight_road_scene([(-90, -1.75, 20.0), (-60, 2.0, 15.0)])
     env = MultiAgentEnv(scene, cfg)
     env.reset()
-    table = wm.road_edge_table(scene)
+    table = geometry.road_edge_table(scene)
     g = torch.Generator().manual_seed(0)
     n_act = len(cfg.accel_grid) * len(cfg.steer_grid)
     for _ in range(80):
         _, _, info = env.step(torch.randint(0, n_act, (1, 2), generator=g))
-        full = wm.box_road_edge_distance(env.pos, env.z, env.yaw, scene.size, table) > 0
+        full = geometry.box_road_edge_distance(env.pos, env.z, env.yaw, scene.size, table) > 0
         assert torch.equal(info["offroad"], full & env.active)
 
 
@@ -167,43 +159,3 @@ def test_batched_worlds_are_independent():
     assert not env.active[1, 1]  # padding agent never becomes active
 
 
-def test_log_replay_events_match_the_metric_on_clean_and_broken_logs():
-    """env.log_replay_events (the core of `python env.py`): replaying clean toy logs through the
-    env flags no collision and no off-road, as the metric finds on the same logs; and when a log is
-    broken on purpose (one agent driven into another, one drifting sideways out of the road) the
-    env and the metric flag exactly the same agents."""
-    import dataclasses
-    from env import log_replay_events
-    from scenes import make_toy_scenes
-    scenes = make_toy_scenes(2, seed=0)
-    e = log_replay_events(scenes)
-    n = int(e["agents"].sum())
-    assert n > 0
-    rates = {k: e[k].sum().item() / n for k in ("env_collision", "env_offroad", "metric_collision", "metric_offroad")}
-    assert rates == {"env_collision": 0.0, "env_offroad": 0.0, "metric_collision": 0.0, "metric_offroad": 0.0}
-
-    # break scene 0's log: agent 1 sits 0.5 m behind agent 0 from step 60, agent 2 drifts 40 m left
-    pos, yaw = scenes.pos.clone(), scenes.yaw.clone()
-    pos[0, 1, 60:] = scenes.pos[0, 0, 60:] - 0.5 * torch.stack([scenes.yaw[0, 0, 60:].cos(), scenes.yaw[0, 0, 60:].sin()], -1)
-    yaw[0, 1, 60:] = scenes.yaw[0, 0, 60:]
-    drift = torch.linspace(0.0, 40.0, T - 40)                                   # [51] m
-    left = torch.stack([-scenes.yaw[0, 2, 40:].sin(), scenes.yaw[0, 2, 40:].cos()], -1)  # [51, 2]
-    pos[0, 2, 40:] = scenes.pos[0, 2, 40:] + drift[:, None] * left
-    broken = dataclasses.replace(scenes, pos=pos, yaw=yaw)
-    e = log_replay_events(broken)
-    assert e["metric_collision"][0, :2].all() and e["metric_offroad"][0, 2]
-    assert torch.equal(e["env_collision"], e["metric_collision"])
-    assert torch.equal(e["env_offroad"], e["metric_offroad"])
-
-
-@pytest.mark.skipif(find_womd_examples() is None,
-                    reason="WOMD example scenes not found (set WOMD_EXAMPLES or provide ../shared/data/womd_examples)")
-def test_log_replay_on_real_scenes_flags_what_the_metric_flags():
-    """Real logs do contain collisions and off-road boxes (parked cars on the kerb): the env must
-    flag exactly the agents the metric flags, including agents with gaps in their logs (the road
-    pool is refreshed when they reappear) and ignoring objects absent at step 10 (not sim agents)."""
-    from env import log_replay_events
-    e = log_replay_events(load_womd_dir(find_womd_examples()))
-    assert e["metric_offroad"].any() and e["metric_collision"].any()
-    assert torch.equal(e["env_collision"], e["metric_collision"])
-    assert torch.equal(e["env_offroad"], e["metric_offroad"])

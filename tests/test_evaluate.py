@@ -1,10 +1,18 @@
 """The eval stage on toy scenes: every method judged the same way, missing ones listed as missing."""
 import json
 
+import dataclasses
+
+import pytest
 import torch
 
 import evaluate as E
-from scenes import NOW, make_toy_scenes
+from env import EnvConfig, MultiAgentEnv
+from evaluate import log_replay_events
+from scenes import NOW, T
+from tokenizer import MotionTokenizer, TokenizerConfig
+from toy_scenes import make_toy_scenes
+from womd import find_womd_examples, load_womd_dir
 
 
 def test_log_replay_reaches_every_goal_and_scores_near_perfect_min_ade():
@@ -43,8 +51,6 @@ def test_run_eval_lists_missing_checkpoints_and_ranks_the_ceiling_above_the_floo
 def test_human_driver_outscores_constant_velocity_and_random_tokens():
     """The realism ceiling on toy scenes: the driver that wrote the logs, re-run with new seeds,
     scores above constant velocity and above agents that pick uniformly random motion tokens."""
-    from env import EnvConfig, MultiAgentEnv
-    from tokenizer import MotionTokenizer, TokenizerConfig
     scenes = make_toy_scenes(3, seed=7)
     tok = MotionTokenizer.fit(make_toy_scenes(4, seed=8), TokenizerConfig(K=32, steps_per_token=2))
     gen = torch.Generator().manual_seed(0)
@@ -62,3 +68,41 @@ def test_human_driver_outscores_constant_velocity_and_random_tokens():
     cv = E.score_method(E.constant_velocity, scenes, R, batch=3)["realism_meta"]
     rnd = E.score_method(random_tokens, scenes, R, batch=3)["realism_meta"]
     assert human > cv and human > rnd + 0.2
+
+
+def test_log_replay_events_match_the_metric_on_clean_and_broken_logs():
+    """evaluate.log_replay_events (the core of `python evaluate.py --env-report`): replaying clean toy logs through the
+    env flags no collision and no off-road, as the metric finds on the same logs; and when a log is
+    broken on purpose (one agent driven into another, one drifting sideways out of the road) the
+    env and the metric flag exactly the same agents."""
+    scenes = make_toy_scenes(2, seed=0)
+    e = log_replay_events(scenes)
+    n = int(e["agents"].sum())
+    assert n > 0
+    rates = {k: e[k].sum().item() / n for k in ("env_collision", "env_offroad", "metric_collision", "metric_offroad")}
+    assert rates == {"env_collision": 0.0, "env_offroad": 0.0, "metric_collision": 0.0, "metric_offroad": 0.0}
+
+    # break scene 0's log: agent 1 sits 0.5 m behind agent 0 from step 60, agent 2 drifts 40 m left
+    pos, yaw = scenes.pos.clone(), scenes.yaw.clone()
+    pos[0, 1, 60:] = scenes.pos[0, 0, 60:] - 0.5 * torch.stack([scenes.yaw[0, 0, 60:].cos(), scenes.yaw[0, 0, 60:].sin()], -1)
+    yaw[0, 1, 60:] = scenes.yaw[0, 0, 60:]
+    drift = torch.linspace(0.0, 40.0, T - 40)                                   # [51] m
+    left = torch.stack([-scenes.yaw[0, 2, 40:].sin(), scenes.yaw[0, 2, 40:].cos()], -1)  # [51, 2]
+    pos[0, 2, 40:] = scenes.pos[0, 2, 40:] + drift[:, None] * left
+    broken = dataclasses.replace(scenes, pos=pos, yaw=yaw)
+    e = log_replay_events(broken)
+    assert e["metric_collision"][0, :2].all() and e["metric_offroad"][0, 2]
+    assert torch.equal(e["env_collision"], e["metric_collision"])
+    assert torch.equal(e["env_offroad"], e["metric_offroad"])
+
+
+@pytest.mark.skipif(find_womd_examples() is None,
+                    reason="WOMD example scenes not found (set WOMD_EXAMPLES or provide ../shared/data/womd_examples)")
+def test_log_replay_on_real_scenes_flags_what_the_metric_flags():
+    """Real logs do contain collisions and off-road boxes (parked cars on the kerb): the env must
+    flag exactly the agents the metric flags, including agents with gaps in their logs (the road
+    pool is refreshed when they reappear) and ignoring objects absent at step 10 (not sim agents)."""
+    e = log_replay_events(load_womd_dir(find_womd_examples()))
+    assert e["metric_offroad"].any() and e["metric_collision"].any()
+    assert torch.equal(e["env_collision"], e["metric_collision"])
+    assert torch.equal(e["env_offroad"], e["metric_offroad"])

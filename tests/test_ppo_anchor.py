@@ -9,8 +9,9 @@ import torch
 import ppo_anchor as pa
 import reference_model as RM
 from env import EGO_DIM, PARTNER_DIM, ROAD_DIM
-from scenes import NOW, make_toy_scenes
+from scenes import NOW, save_atomic
 from tokenizer import MotionTokenizer, TokenizerConfig
+from toy_scenes import make_toy_scenes
 
 K = 16
 
@@ -188,7 +189,7 @@ def test_short_anchored_run_pulls_policy_toward_reference(world, tmp_path):
     _, resumed = run("spacer", state=ckpts[1], beta=1.0)
     assert len(resumed) == 3 and resumed[-1]["kl_ref"] == pytest.approx(spacer[-1]["kl_ref"], rel=1e-5)
     # the saved policy loads back to the same network
-    pa.save_atomic(ckpts[-1], tmp_path / "policy.pt")
+    save_atomic(ckpts[-1], tmp_path / "policy.pt")
     loaded, cfg = pa.load_policy(tmp_path / "policy.pt")
     obs = pa.make_env(scenes, tok.table, cfg).reset()
     assert torch.equal(loaded(obs, scenes.agent_type)[0], policy(obs, scenes.agent_type)[0])

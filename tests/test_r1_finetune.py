@@ -2,20 +2,15 @@
 the sampled-and-differentiated policy, the k3 KL estimator, advantages (GRPO's group count,
 unscored sets), the SFT-RFT-SFT schedule, a toy-categorical policy improvement, and RFT steps of a
 tiny reference model on toy scenes."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import r1_finetune as R1  # noqa: E402
-import reference_model as RM  # noqa: E402
-import scenes as S  # noqa: E402
-import wosac_metrics as wm  # noqa: E402
-from scenes import NOW, T  # noqa: E402
-from tokenizer import MotionTokenizer, TokenizerConfig  # noqa: E402
+import r1_finetune as R1
+import reference_model as RM
+import wosac_metrics as wm
+from scenes import NOW, T
+from tokenizer import MotionTokenizer, TokenizerConfig
+from toy_scenes import make_toy_scenes
 
 
 def categorical_logp(theta, a):
@@ -230,7 +225,7 @@ def test_step_scenes_cover_each_pass_once():
 
 
 def tiny_setup(n_scenes: int = 2):
-    scenes = S.make_toy_scenes(n_scenes, seed=7)
+    scenes = make_toy_scenes(n_scenes, seed=7)
     tok = MotionTokenizer.fit(scenes, TokenizerConfig(K=32))
     torch.manual_seed(0)
     model = RM.ReferenceModel(RM.ReferenceConfig(K=32, D=16, heads=2, layers=1, dropout=0.1, window=3,

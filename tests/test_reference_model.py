@@ -1,18 +1,15 @@
 """Tests of the centralized next-token reference model (reference_model.py) and its train.py stage."""
 import json
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import reference_model as RM  # noqa: E402
-import scenes as S  # noqa: E402
-from scenes import NOW  # noqa: E402
-from tokenizer import MotionTokenizer, TokenizerConfig  # noqa: E402
+import reference_model as RM
+import scenes as S
+from scenes import NOW
+from tokenizer import MotionTokenizer, TokenizerConfig
+from toy_scenes import make_toy_scenes
 
 TINY = RM.ReferenceConfig(K=32, D=32, heads=2, layers=2, dropout=0.0, window=4, map_neighbours=6,
                           agent_neighbours=4)
@@ -30,7 +27,7 @@ def first_agents(scenes, k):
 @pytest.fixture(scope="module")
 def toy():
     """A handful of toy scenes (8 agents each) and a small tokenizer fitted on them."""
-    scenes = first_agents(S.make_toy_scenes(3, seed=123), 8)
+    scenes = first_agents(make_toy_scenes(3, seed=123), 8)
     tok = MotionTokenizer.fit(scenes, TokenizerConfig(K=TINY.K, steps_per_token=TINY.steps_per_token))
     return scenes, tok
 
@@ -151,7 +148,8 @@ def test_catk_choice_is_closest_among_top_k(toy):
     """CAT-K executes the top-k token nearest the logged next box, never a token outside the top-k,
     and the most likely token where there is no logged box."""
     _, tok = toy
-    from tokenizer import apply_local, box_corners, box_lw, corner_distance
+    from scenes import apply_local
+    from tokenizer import box_lw, corner_distance, corners_at
     kind = torch.zeros(1, 3, dtype=torch.long)                                # [1, 3] vehicles
     pose = torch.tensor([[[0.0, 0.0, 0.0], [5.0, -2.0, 1.0], [1.0, 1.0, -2.0]]])  # [1, 3, 3]
     j = 17
@@ -165,7 +163,7 @@ def test_catk_choice_is_closest_among_top_k(toy):
     pick = RM.catk_choice(tok, logits, pose, target, ok, kind, top_k=5)
     cand = apply_local(pose[0, 1], tok.table[0, 1:6, -1])                     # [5, 3]
     lw = box_lw(kind[0, 1])
-    nearest = 1 + int(corner_distance(box_corners(cand, lw), box_corners(target[0, 1], lw)).argmin())
+    nearest = 1 + int(corner_distance(corners_at(cand, lw), corners_at(target[0, 1], lw)).argmin())
     assert pick.tolist() == [[j, nearest, 3]]
 
 

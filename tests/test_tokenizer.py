@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from scenes import NOW, T, collate, scene_from_numpy, wrap_angle
-from tokenizer import (MotionTokenizer, TokenizerConfig, apply_local, log_poses, reconstruct,
-                       reconstruction_error, remove_heading_flips, to_local)
+import env
+from scenes import NOW, T, apply_local, collate, scene_from_numpy, wrap_angle
+from tokenizer import (MotionTokenizer, TokenizerConfig, log_poses, reconstruct, reconstruction_error,
+                       remove_heading_flips)
+from womd import find_womd_examples, load_womd_dir
 
 # per type: initial speed range (m/s), largest lateral acceleration (m/s^2), largest curvature (1/m)
 SPEED = {0: (0.0, 25.0), 1: (0.3, 2.0), 2: (2.0, 8.0)}
@@ -74,19 +76,6 @@ def tok(train):
     return MotionTokenizer.fit(train, TokenizerConfig(K=200, steps_per_token=2))
 
 
-def test_pose_algebra():
-    g = torch.Generator().manual_seed(0)
-    pose = torch.randn(5, 3, generator=g) * 3                       # [5, 3]
-    local = torch.randn(5, 4, 3, generator=g)                       # [5, 4, 3]
-    world = apply_local(pose, local)                                # [5, 4, 3]
-    back = to_local(pose, world)                                    # [5, 4, 3]
-    assert torch.allclose(back[..., :2], local[..., :2], atol=1e-5)
-    assert torch.allclose(wrap_angle(back[..., 2] - local[..., 2]), torch.zeros(5, 4), atol=1e-5)
-    assert world[..., 2].abs().max() <= math.pi
-    # a unit step forward from a pose facing +y moves +y
-    out = apply_local(torch.tensor([1.0, 2.0, math.pi / 2]), torch.tensor([[1.0, 0.0, 0.0]]))
-    assert torch.allclose(out, torch.tensor([[1.0, 3.0, math.pi / 2]]), atol=1e-6)
-
 
 def test_vocabulary_shape_zero_token_and_distinct(tok):
     assert tok.table.shape == (3, 200, 2, 3) and tok.K == 200 and tok.steps_per_token == 2
@@ -149,9 +138,6 @@ def test_decode_equals_repeated_step_pose_and_matched_poses(tok, test_scenes):
 
 
 def test_simulator_apply_local_reproduces_decode(tok, test_scenes):
-    env = pytest.importorskip("env")
-    if not hasattr(env, "apply_local"):
-        pytest.skip("env.apply_local not defined")
     enc = tok.encode(test_scenes, anchor_now=False)
     kind = test_scenes.agent_type
     pose, steps = enc["pose"][:, :, 0], []
@@ -253,10 +239,9 @@ def test_fixed_tolerance(train):
 
 
 def test_real_womd_scenes():
-    import scenes as S
-    if not hasattr(S, "find_womd_examples") or S.find_womd_examples() is None:
+    if find_womd_examples() is None:
         pytest.skip("WOMD example scenes not found (set WOMD_EXAMPLES or add ../shared/data/womd_examples)")
-    womd = S.load_womd_dir(S.find_womd_examples())
+    womd = load_womd_dir(find_womd_examples())
     for spt in (2, 5):
         tok = MotionTokenizer.fit(womd, TokenizerConfig(K=200, steps_per_token=spt))  # fitted on the same scenes
         r = reconstruction_error(tok, womd)

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+import geometry
 import scenes as sc
 import wosac_metrics as wm
+from womd import find_womd_examples, load_womd_dir
 
 T, NOW, DT = sc.T, sc.NOW, sc.DT
 STEPS = np.arange(T)
@@ -76,7 +78,7 @@ def straight_road(n_agents=6, seed=0, half_len=120.0, spacing=1.0):
 
 # ---- 3.2 rounded boxes -------------------------------------------------------------------
 def test_box_corners_are_ccw_from_front_left():
-    c = wm.box_corners(torch.tensor([1.0, 2.0]), torch.tensor(math.pi / 2), torch.tensor(4.0), torch.tensor(2.0))
+    c = geometry.box_corners(torch.tensor([1.0, 2.0]), torch.tensor(math.pi / 2), torch.tensor(4.0), torch.tensor(2.0))
     # heading +y: front-left is (-1, +2) from the centre, then rear-left, rear-right, front-right
     expected = torch.tensor([[0.0, 4.0], [0.0, 0.0], [2.0, 0.0], [2.0, 4.0]])
     assert torch.allclose(c, expected, atol=1e-6)
@@ -89,7 +91,7 @@ def _pair(p2, yaw2, size1=(4.0, 2.0), size2=(4.0, 2.0), valid=(True, True)):
     pos = torch.tensor([[0.0, 0.0], list(p2)])
     yaw = torch.tensor([0.0, yaw2])
     L = torch.tensor([size1[0], size2[0]]); W = torch.tensor([size1[1], size2[1]])
-    return wm.object_distance_matrix(pos, yaw, L, W, torch.tensor(valid))
+    return geometry.object_distance_matrix(pos, yaw, L, W, torch.tensor(valid))
 
 
 def test_rounded_box_distance_known_answers():
@@ -97,7 +99,7 @@ def test_rounded_box_distance_known_answers():
     d = _pair((6.0, 0.0), 0.0)                       # facing sides: the plain gap 6 - 2 - 2
     assert d[0, 1].item() == pytest.approx(2.0, abs=1e-5)
     assert d[1, 0].item() == pytest.approx(2.0, abs=1e-5)
-    assert d[0, 0].item() == wm.BIG and d[1, 1].item() == wm.BIG
+    assert d[0, 0].item() == geometry.BIG and d[1, 1].item() == geometry.BIG
     d = _pair((5.0, 0.0), math.pi / 2)               # rotated: 5 - 2 - 1
     assert d[0, 1].item() == pytest.approx(2.0, abs=1e-5)
     d = _pair((6.0, 4.0), 0.0)                       # corner to corner: core gap (3.4, 3.4), minus 2 s
@@ -108,12 +110,12 @@ def test_rounded_box_distance_known_answers():
     d = _pair((0.0, 0.0), 0.0)                       # identical boxes: 2 m sideways separates them
     assert d[0, 1].item() == pytest.approx(-2.0, abs=1e-5)
     d = _pair((3.0, 0.0), 0.0, valid=(True, False))  # an invalid box is never near
-    assert d[0, 1].item() == wm.BIG
+    assert d[0, 1].item() == geometry.BIG
 
 
 def _core_perimeter(cx, cy, yaw, L, W, n=600):
     """Points along the perimeter of a box's core (the box shrunk by the rounding radius s)."""
-    s = wm.CORNER_ROUNDING * min(L, W) / 2
+    s = geometry.CORNER_ROUNDING * min(L, W) / 2
     l, w = L / 2 - s, W / 2 - s
     corners = np.array([[l, w], [-l, w], [-l, -w], [l, -w], [l, w]])
     f = np.linspace(0, 1, n // 4, endpoint=False)[:, None]
@@ -180,8 +182,8 @@ def test_time_to_collision_yaw_difference_is_not_wrapped():
 
 # ---- 3.4 signed distance to road edges ---------------------------------------------------
 def _box_edge(scene, x, y, yaw=0.0, size=(4.0, 2.0, 1.6), z=0.8):
-    table = wm.road_edge_table(scene)
-    return wm.box_road_edge_distance(torch.tensor([[x, y]]), torch.tensor([z]), torch.tensor([yaw]),
+    table = geometry.road_edge_table(scene)
+    return geometry.box_road_edge_distance(torch.tensor([[x, y]]), torch.tensor([z]), torch.tensor([yaw]),
                                      torch.tensor([size]), table).item()
 
 
@@ -202,31 +204,31 @@ def test_road_edge_vertex_rule_convex_and_concave():
     # acute left turn: the road is the thin wedge between the segments (locally convex); (1, 1)
     # is outside it. The first segment alone would call it on-road; the rule says off-road.
     convex = make_scene([dict(pos=line(0, 0))], [edge([(-10, 0), (0, 0), (-10, 5)])])
-    d = wm.signed_distance_to_edges(q, wm.road_edge_table(convex))
+    d = geometry.signed_distance_to_edges(q, geometry.road_edge_table(convex))
     assert d.item() == pytest.approx(math.sqrt(2), abs=1e-5)
     # the same wedge walked the other way: the road is everything outside it (concave vertex)
     concave = make_scene([dict(pos=line(0, 0))], [edge([(-10, 5), (0, 0), (-10, 0)])])
-    d = wm.signed_distance_to_edges(q, wm.road_edge_table(concave))
+    d = geometry.signed_distance_to_edges(q, geometry.road_edge_table(concave))
     assert d.item() == pytest.approx(-math.sqrt(2), abs=1e-5)
 
 
 def test_road_edge_cyclic_polygon_wraps():
     square = [(0, 0), (10, 0), (10, 10), (0, 10), (0, 0)]                           # CCW: road inside
     scene = make_scene([dict(pos=line(5, 5))], [edge(square)])
-    table = wm.road_edge_table(scene)
+    table = geometry.road_edge_table(scene)
     assert table["prev_ok"][0, 0] and torch.equal(table["prev_a"][0, 0], table["a"][0, 3])
     pts = torch.tensor([[5.0, 5.0, 0.0], [-1.0, -1.0, 0.0], [0.5, 0.5, 0.0], [11.0, 5.0, 0.0]])
-    d = wm.signed_distance_to_edges(pts, table)
+    d = geometry.signed_distance_to_edges(pts, table)
     assert torch.allclose(d, torch.tensor([-5.0, math.sqrt(2), -0.5, 1.0]), atol=1e-5)
     # a cyclic edge shorter than the scene's longest edge does not wrap (official padding quirk)
     longer = edge([(50 + i, 0) for i in range(8)])
-    table2 = wm.road_edge_table(make_scene([dict(pos=line(5, 5))], [edge(square), longer]))
+    table2 = geometry.road_edge_table(make_scene([dict(pos=line(5, 5))], [edge(square), longer]))
     assert not table2["prev_ok"][0, 0]
 
 
 def test_road_edge_no_edges_is_large_negative():
     scene = make_scene([dict(pos=line(0, 0))])
-    assert _box_edge(scene, 0, 0) == -wm.BIG
+    assert _box_edge(scene, 0, 0) == -geometry.BIG
 
 
 def _random_edge_scene(seed):
@@ -246,7 +248,7 @@ def _random_edge_scene(seed):
 def test_pruned_road_edge_search_equals_brute_force():
     for seed in range(3):
         scene = _random_edge_scene(seed)
-        table = wm.road_edge_table(scene)
+        table = geometry.road_edge_table(scene)
         g = torch.Generator().manual_seed(seed)
         Q = 8 * 40
         pos = torch.rand(1, Q, 2, generator=g) * 160 - 80                  # some far off the map
@@ -254,14 +256,14 @@ def test_pruned_road_edge_search_equals_brute_force():
         z = torch.rand(1, Q, generator=g) * 8                             # between the two levels
         yaw = torch.rand(1, Q, generator=g) * 6.28 - 3.14
         size = torch.rand(1, Q, 3, generator=g) * 4 + 0.5
-        brute = wm.box_road_edge_distance(pos, z, yaw, size, table)       # [1, Q] all edges
+        brute = geometry.box_road_edge_distance(pos, z, yaw, size, table)       # [1, Q] all edges
         for G, track in ((1, 1), (4, 8), (8, 4)):
-            wm_G = wm.EDGE_GROUP
+            wm_G = geometry.EDGE_GROUP
             try:
-                wm.EDGE_GROUP = G
-                pruned = wm._road_edge_distance_many(pos, z, yaw, size, table, track=track)
+                geometry.EDGE_GROUP = G
+                pruned = geometry.road_edge_distance_many(pos, z, yaw, size, table, track=track)
             finally:
-                wm.EDGE_GROUP = wm_G
+                geometry.EDGE_GROUP = wm_G
             assert torch.allclose(pruned, brute, atol=1e-4), (seed, G, track)
 
 
@@ -275,7 +277,7 @@ def test_pruned_lane_search_equals_brute_force():
     q = torch.zeros(1, 30, 9, 3)
     q[..., :2] = torch.cumsum(torch.randn(1, 30, 9, 2, generator=torch.Generator().manual_seed(0)), 2) * 0.5
     q[..., :2] += torch.rand(1, 30, 1, 2, generator=torch.Generator().manual_seed(1)) * 120 - 60
-    idx = wm._nearest_segments(q, a, b, scene.seg_valid, buggy=True)                   # [1, 30, 9]
+    idx = geometry.nearest_segments(q, a, b, scene.seg_valid, buggy=True)                   # [1, 30, 9]
     d = wm._buggy_lane_distance(q[..., None, :2], a[:, None, None, :, :2], b[:, None, None, :, :2])  # [1, 30, 9, S]
     chosen = d.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(chosen, d.amin(-1), atol=1e-5)
@@ -283,13 +285,13 @@ def test_pruned_lane_search_equals_brute_force():
 
 def test_box_road_edge_distance_broadcasts_candidates_and_tables():
     scene = straight_road(n_agents=4)
-    table = wm.road_edge_table(scene)
+    table = geometry.road_edge_table(scene)
     pos, z, yaw = scene.pos[:, :, NOW], scene.z[:, :, NOW], scene.yaw[:, :, NOW]       # [1, A]
-    full = wm.box_road_edge_distance(pos, z, yaw, scene.size, table)                   # table [B, E]
+    full = geometry.box_road_edge_distance(pos, z, yaw, scene.size, table)                   # table [B, E]
     mid = 0.5 * (table["a"][..., :2] + table["b"][..., :2])                             # [1, E, 2]
     near = (pos.unsqueeze(2) - mid.unsqueeze(1)).norm(dim=-1).topk(16, largest=False).indices  # [1, A, 16]
-    cand = {k: wm._rows(v, near) for k, v in table.items()}                            # [1, A, 16, ...]
-    assert torch.allclose(wm.box_road_edge_distance(pos, z, yaw, scene.size, cand), full)
+    cand = {k: geometry.gather_rows(v, near) for k, v in table.items()}                            # [1, A, 16, ...]
+    assert torch.allclose(geometry.box_road_edge_distance(pos, z, yaw, scene.size, cand), full)
     assert (full < 0).all()                                                            # lanes are on-road
 
 
@@ -420,7 +422,7 @@ def test_pruned_interactions_equal_distance_matrix():
     scene = make_scene(agents)
     f = features(scene)
     p, y = scene.pos[0, :, NOW + 1:].transpose(0, 1), scene.yaw[0, :, NOW + 1:].T   # [80, A, (2)]
-    d = wm.object_distance_matrix(p, y, scene.size[0, :, 0], scene.size[0, :, 1], scene.valid[0, :, NOW + 1:].T)
+    d = geometry.object_distance_matrix(p, y, scene.size[0, :, 0], scene.size[0, :, 1], scene.valid[0, :, NOW + 1:].T)
     ref = d.amin(-1).T                                     # [A, 80]
     v = scene.valid[0, :, NOW + 1:]
     assert torch.allclose(f["distance_to_nearest_object"][v], ref[v], atol=1e-5)
@@ -441,14 +443,10 @@ def test_scoring_rejects_bad_input():
 
 # ---- real WOMD scenes -----------------------------------------------------------------------
 def test_real_womd_scenes_log_against_itself():
-    load = getattr(sc, "load_womd_dir", None)
-    find = getattr(sc, "find_womd_examples", None)
-    if load is None or find is None:
-        pytest.skip("scenes.load_womd_dir / find_womd_examples not available yet")
-    folder = find()
+    folder = find_womd_examples()
     if folder is None:
         pytest.skip("WOMD example scenes not found ($WOMD_EXAMPLES or ../shared/data/womd_examples)")
-    scenes = load(folder)
+    scenes = load_womd_dir(folder)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss                     # KiB on Linux
     out = wm.score_rollouts(scenes, *wm.log_as_rollouts(scenes, 2))
     grown_gib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2 ** 20

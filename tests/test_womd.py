@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from scenes import (CROSSWALK, LANE, NOW, OTHER, ROAD_EDGE, T, TL_STATES, find_womd_examples,
-                    load_womd_dir, load_womd_json)
+from scenes import CROSSWALK, LANE, NOW, OTHER, ROAD_EDGE, T, TL_STATES
+from womd import find_womd_examples, load_womd_dir, load_womd_json
 
 EXAMPLES = find_womd_examples()
 needs_examples = pytest.mark.skipif(

@@ -1,0 +1,391 @@
+"""Geometry shared by the WOSAC metric and the simulator: rounded boxes, oriented road edges,
+and the pruned nearest-segment searches. Spec: ../shared/research/wosac.md (section numbers below).
+
+`wosac_metrics.py` scores with these functions and `env.py` flags collisions and off-road with
+them, so what the policy is penalised for is exactly what the metric counts.
+
+- Rounded boxes (3.2): core = box shrunk by s = 0.7 * min(L, W) / 2 on every side;
+  d_ij = sd(origin, core_i (+) -core_j) - s_i - s_j, the signed distance between the cores minus
+  both radii. It is evaluated without building the 8-gon: when the cores overlap it is the
+  largest separating-axis gap (<= 0, minus the penetration depth); otherwise it is the distance
+  between two disjoint convex polygons, which is always reached at a corner of one of them.
+- Signed distance to oriented road edges (3.4): the road lies on the left of each edge; positive
+  is off-road. The segment is picked in z-stretched 3D, its distance is 2D (an official quirk).
+- Pruned searches (3.2 / 3.4, and the lane search of 3.5): scoring never tests every (box corner,
+  road-edge segment) pair exactly; cheap bounds pick the segments that can be nearest and only
+  those are measured (exact, tested against brute force). Memory is bounded by CHUNK elements per
+  pairwise tensor.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from scenes import ROAD_EDGE
+
+# ---- constants of the official code (section numbers of wosac.md) ----------------------------
+BIG = 1e10                        # EXTREMELY_LARGE_DISTANCE: invalid pairs / segments (3.2, 3.4)
+CORNER_ROUNDING = 0.7             # CORNER_ROUNDING_FACTOR (3.2)
+Z_STRETCH = 3.0                   # _Z_STRETCH_FACTOR: z weight when picking a road-edge segment (3.4)
+CHUNK = 1 << 22                   # elements per pairwise tensor chunk: the memory knob (~16 MB each)
+EDGE_GROUP = 4                    # chained segments per bounding sphere in the nearest-segment search
+
+
+# ==============================================================================================
+# Small helpers
+# ==============================================================================================
+def take(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """x gathered along `dim` with a per-scene index idx [B, M] (dims between 0 and dim broadcast)."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = idx.shape[0], idx.shape[1]
+    full = list(x.shape)
+    full[dim] = idx.shape[1]
+    return x.gather(dim, idx.view(shape).expand(full))
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, E, *F] gathered at idx [B, *I] -> [B, *I, *F]."""
+    B, feat = x.shape[0], x.shape[2:]
+    flat = idx.reshape(B, -1)                                             # [B, N]
+    out = x.gather(1, flat.view(B, -1, *([1] * len(feat))).expand(B, flat.shape[1], *feat))  # [B, N, *F]
+    return out.view(*idx.shape, *feat)
+
+
+def compact(mask: torch.Tensor, at_least: int = 0):
+    """Indices of the True entries of mask [B, S], in order, padded per row: (idx [B, M], ok [B, M])."""
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # [B, S] True first
+    M = max(int(mask.sum(1).max()) if mask.numel() else 0, at_least)
+    M = min(M, mask.shape[1]) if mask.shape[1] else 0
+    idx = order[:, :M]                                                    # [B, M]
+    return idx, mask.gather(1, idx)
+
+
+def _pick(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx] for x [E, *F] and any-shaped idx, via index_select (much faster than x[idx] on CPU)."""
+    return x.index_select(0, idx.reshape(-1)).view(*idx.shape, *x.shape[1:])
+
+
+def cross2(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """2D cross product u.x v.y - u.y v.x over the last dim (first two components)."""
+    return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
+
+
+def dot2(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return u[..., 0] * v[..., 0] + u[..., 1] * v[..., 1]
+
+
+def div_no_nan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """tf.math.divide_no_nan: 0 where the denominator is 0."""
+    return torch.where(b == 0, torch.zeros_like(a), a / torch.where(b == 0, torch.ones_like(b), b))
+
+
+
+# ==============================================================================================
+# 3.2 Rounded boxes: corners and signed distance
+# ==============================================================================================
+def box_corners(pos, yaw, length, width):
+    """pos [..., 2], yaw/length/width [...] -> [..., 4, 2], counter-clockwise from the front-left
+    corner (front-left, rear-left, rear-right, front-right, as box_utils orders them)."""
+    c, s = torch.cos(yaw).unsqueeze(-1), torch.sin(yaw).unsqueeze(-1)     # [..., 1]
+    sx = pos.new_tensor([1.0, -1.0, -1.0, 1.0])                           # [4]
+    sy = pos.new_tensor([1.0, 1.0, -1.0, -1.0])                           # [4]
+    lx = 0.5 * length.unsqueeze(-1) * sx                                  # [..., 4]
+    ly = 0.5 * width.unsqueeze(-1) * sy                                   # [..., 4]
+    x = pos[..., 0:1] + c * lx - s * ly                                   # [..., 4]
+    y = pos[..., 1:2] + s * lx + c * ly                                   # [..., 4]
+    return torch.stack([x, y], dim=-1)                                    # [..., 4, 2]
+
+
+def _point_to_rect(px, py, half_l, half_w):
+    """Distance from a point to a filled axis-aligned rectangle centred at 0 (0 inside)."""
+    dx = (px.abs() - half_l).clamp(min=0.0)                              # [...]
+    dy = (py.abs() - half_w).clamp(min=0.0)                              # [...]
+    return torch.sqrt(dx * dx + dy * dy)
+
+
+def rounded_box_distance(x, y, cos_d, sin_d, len_i, wid_i, len_j, wid_j):
+    """Signed distance d_ij between rounded boxes i and j (3.2), given box j's centre (x, y) and
+    heading offset (cos_d, sin_d) = (cos, sin)(h_j - h_i) in box i's frame. All args broadcast.
+
+    sd(origin, core_i (+) -core_j) equals, for overlapping cores, the largest separating-axis gap
+    over the four edge normals (<= 0, minus the penetration depth), and for disjoint cores the
+    distance between the two rectangles, reached at a corner of one of them."""
+    r_i = 0.5 * CORNER_ROUNDING * torch.minimum(len_i, wid_i)             # [...] rounding radius s_i
+    r_j = 0.5 * CORNER_ROUNDING * torch.minimum(len_j, wid_j)             # [...] rounding radius s_j
+    li, wi = 0.5 * len_i - r_i, 0.5 * wid_i - r_i                         # [...] core half extents
+    lj, wj = 0.5 * len_j - r_j, 0.5 * wid_j - r_j                         # [...]
+    ac, as_ = cos_d.abs(), sin_d.abs()                                    # [...]
+    xj = x * cos_d + y * sin_d                                            # [...] offset in box j's frame
+    yj = -x * sin_d + y * cos_d                                           # [...]
+    gap = torch.maximum(                                                  # [...] largest axis gap
+        torch.maximum(x.abs() - li - (lj * ac + wj * as_), y.abs() - wi - (lj * as_ + wj * ac)),
+        torch.maximum(xj.abs() - lj - (li * ac + wi * as_), yj.abs() - wj - (li * as_ + wi * ac)))
+    vertex = None
+    for s1, s2 in ((1.0, 1.0), (1.0, -1.0), (-1.0, 1.0), (-1.0, -1.0)):
+        # a corner of core j in i's frame, and a corner of core i in j's frame
+        dj = _point_to_rect(x + s1 * lj * cos_d - s2 * wj * sin_d, y + s1 * lj * sin_d + s2 * wj * cos_d, li, wi)  # [...]
+        di = _point_to_rect(xj + s1 * li * cos_d + s2 * wi * sin_d, yj - s1 * li * sin_d + s2 * wi * cos_d, lj, wj)  # [...]
+        d = torch.minimum(dj, di)                                         # [...]
+        vertex = d if vertex is None else torch.minimum(vertex, d)        # [...]
+    return torch.where(gap > 0, vertex, gap) - r_i - r_j
+
+
+def relative_pose(pos_i, yaw_i, pos_j, yaw_j):
+    """Box j seen from box i: centre (x, y) in i's frame and (cos, sin) of h_j - h_i. Broadcasts."""
+    ci, si = torch.cos(yaw_i), torch.sin(yaw_i)                           # [...] per box i
+    cj, sj = torch.cos(yaw_j), torch.sin(yaw_j)                           # [...] per box j
+    dx, dy = pos_j[..., 0] - pos_i[..., 0], pos_j[..., 1] - pos_i[..., 1]  # [...] per pair
+    x, y = dx * ci + dy * si, -dx * si + dy * ci                          # rotation by -h_i
+    return x, y, cj * ci + sj * si, sj * ci - cj * si
+
+
+def object_distance_matrix(pos, yaw, length, width, valid):
+    """Signed rounded-box distances d_ij (3.2): pos [..., A, 2], yaw/length/width/valid [..., A]
+    -> [..., A, A]; BIG (1e10) on the diagonal and where box i or box j is invalid.
+    Collision of i is `d.min(-1) < 0`."""
+    x, y, cd, sd = relative_pose(pos.unsqueeze(-2), yaw.unsqueeze(-1), pos.unsqueeze(-3), yaw.unsqueeze(-2))  # [..., A, A]
+    d = rounded_box_distance(x, y, cd, sd, length.unsqueeze(-1), width.unsqueeze(-1),
+                              length.unsqueeze(-2), width.unsqueeze(-2))  # [..., A, A]
+    A = pos.shape[-2]
+    eye = torch.eye(A, dtype=torch.bool, device=pos.device)               # [A, A]
+    ok = valid.unsqueeze(-1) & valid.unsqueeze(-2) & ~eye                 # [..., A, A]
+    return torch.where(ok, d, torch.full_like(d, BIG))
+
+
+# ==============================================================================================
+# 3.4 Signed distance to oriented road edges
+# ==============================================================================================
+EDGE_FIELDS = ("a", "b", "valid", "prev_a", "prev_b", "prev_ok", "next_a", "next_b", "next_ok")
+
+
+def road_edge_table(scenes) -> dict:
+    """The ROAD_EDGE segments of each scene, compacted to [B, E, ...] in map order: segment a -> b
+    (x, y, z) with the road on its left, `valid`, and the previous / next segment used by the sign
+    rule with `prev_ok` / `next_ok` (scenes.seg_prev / seg_next already encode the official
+    neighbour and cyclic-wrap rule). Every field is per segment, so a caller may gather any subset
+    of edges (e.g. [B, A, C, ...] candidates) and pass it to signed_distance_to_edges."""
+    is_edge = (scenes.seg_type == ROAD_EDGE) & scenes.seg_valid            # [B, S]
+    idx, ok = compact(is_edge)                                           # [B, E]
+    out = {"a": gather_rows(scenes.seg_start, idx), "b": gather_rows(scenes.seg_end, idx), "valid": ok}  # [B, E, 3]
+    for name, nb in (("prev", scenes.seg_prev), ("next", scenes.seg_next)):
+        j = nb.gather(1, idx)                                             # [B, E] index into S (-1 none)
+        jc = j.clamp(min=0)                                               # [B, E]
+        out[name + "_a"] = gather_rows(scenes.seg_start, jc)                    # [B, E, 3]
+        out[name + "_b"] = gather_rows(scenes.seg_end, jc)                      # [B, E, 3]
+        out[name + "_ok"] = ok & (j >= 0) & scenes.seg_valid.gather(1, jc)  # [B, E]
+    return out
+
+
+def _selection_sq_distance(q, a, b):
+    """Squared z-stretched 3D distance from q to segment a-b (3.4), with rel_t taken in 2D.
+    All [..., 3], broadcasting -> [...]."""
+    qa, ab = q - a, b - a                                                 # [..., 3]
+    rel_t = div_no_nan(dot2(qa, ab), dot2(ab, ab))                     # [...]
+    v = qa - ab * rel_t.clamp(0.0, 1.0).unsqueeze(-1)                     # [..., 3] segment -> point
+    return v[..., 0] ** 2 + v[..., 1] ** 2 + (Z_STRETCH * v[..., 2]) ** 2
+
+
+def _signed_value(q, f: dict):
+    """Signed 2D distance from q [..., 3] to the segment whose fields f[...] were selected (3.4).
+
+    n = sign(cross(q - a, b - a)) (+1 right of a->b = off-road). Before the start (rel_t < 0) with a
+    valid previous segment, the sign is max(n, n_prev) at a convex vertex (cross(d_prev, d) > 0)
+    and min(n, n_prev) otherwise; after the end (rel_t > 1) the same with the next segment."""
+    a, b = f["a"], f["b"]
+    qa, ab = q - a, b - a                                                 # [..., 3]
+    rel_t = div_no_nan(dot2(qa, ab), dot2(ab, ab))                     # [...]
+    n = torch.sign(cross2(qa, ab))                                        # [...]
+    v = qa - ab * rel_t.clamp(0.0, 1.0).unsqueeze(-1)                     # [..., 3]
+    dist2d = torch.sqrt(v[..., 0] ** 2 + v[..., 1] ** 2)                  # [...]
+    d_prev, d_next = f["prev_b"] - f["prev_a"], f["next_b"] - f["next_a"]  # [..., 3]
+    n_prev = torch.sign(cross2(q - f["prev_a"], d_prev))                  # [...]
+    n_next = torch.sign(cross2(q - f["next_a"], d_next))                  # [...]
+    before = torch.where(cross2(d_prev, ab) > 0, torch.maximum(n, n_prev), torch.minimum(n, n_prev))  # [...]
+    after = torch.where(cross2(ab, d_next) > 0, torch.maximum(n, n_next), torch.minimum(n, n_next))  # [...]
+    sign = torch.where((rel_t < 0) & f["prev_ok"], before, torch.where((rel_t > 1) & f["next_ok"], after, n))  # [...]
+    return sign * dist2d
+
+
+def signed_distance_to_edges(points, edges: dict):
+    """Signed corner distance (3.4) of points [..., Q, 3] to edges with fields [..., E, ...];
+    the leading dims broadcast (torch rules). Returns [..., Q]: the segment is the argmin of the
+    z-stretched 3D distance (first on ties), the value its signed 2D distance (positive =
+    off-road). With no valid edge the value is -BIG (-1e10); the official code would raise instead,
+    which score_rollouts does, naming the scene."""
+    a, b, ok = edges["a"], edges["b"], edges["valid"]
+    d = _selection_sq_distance(points.unsqueeze(-2), a.unsqueeze(-3), b.unsqueeze(-3))  # [..., Q, E]
+    d = torch.where(ok.unsqueeze(-2), d, torch.full_like(d, math.inf))    # [..., Q, E]
+    if d.shape[-1] == 0:
+        return torch.full(d.shape[:-1], -BIG, dtype=points.dtype, device=points.device)
+    best = d.argmin(dim=-1)                                               # [..., Q]
+    lead = best.shape[:-1]
+    f = {}
+    for k in EDGE_FIELDS:
+        v = edges[k]
+        if v.dim() == ok.dim():                                           # flags [..., E]
+            f[k] = v.expand(*lead, v.shape[-1]).gather(-1, best)          # [..., Q]
+        else:                                                             # points [..., E, 3]
+            f[k] = v.expand(*lead, *v.shape[-2:]).gather(-2, best.unsqueeze(-1).expand(*best.shape, 3))  # [..., Q, 3]
+    val = _signed_value(points, f)                                        # [..., Q]
+    return torch.where(ok.any(-1, keepdim=True).expand_as(val), val, torch.full_like(val, -BIG))
+
+
+def _box_bottom_corners(pos, z, yaw, size):
+    """The 4 bottom corners (x, y, z - h/2) of boxes: pos [..., 2], z/yaw [...], size [..., 3] -> [..., 4, 3]."""
+    xy = box_corners(pos, yaw, size[..., 0], size[..., 1])                # [..., 4, 2]
+    zb = (z - 0.5 * size[..., 2]).unsqueeze(-1).unsqueeze(-1).expand(*xy.shape[:-1], 1)  # [..., 4, 1]
+    return torch.cat([xy, zb], dim=-1)                                    # [..., 4, 3]
+
+
+def box_road_edge_distance(pos, z, yaw, size, edges: dict):
+    """Signed distance of boxes to road edges (3.4): the max over the 4 bottom corners (most
+    off-road) of signed_distance_to_edges. pos [..., 2], z/yaw [...], size [..., 3] -> [...].
+
+    Broadcasting rule: the edges' leading dims are aligned from the LEFT with pos's leading dims,
+    singleton dims being inserted just before E when edges have fewer. So both work:
+    pos [B, A, 2] with per-agent candidates [B, A, C, ...], and pos [B, Q, 2] (or [B, R, A, 2])
+    with a whole table [B, E, ...] (seen as [B, 1, E, ...] / [B, 1, 1, E, ...])."""
+    lead = pos.dim() - 1
+    at = edges["valid"].dim() - 1                                         # position of the E axis
+    if at > lead:
+        raise ValueError(f"box_road_edge_distance: edges have more leading dims {tuple(edges['valid'].shape[:-1])} "
+                         f"than pos {tuple(pos.shape[:-1])}")
+    e = {k: v.reshape(*v.shape[:at], *([1] * (lead - at)), *v.shape[at:]) for k, v in edges.items()}  # [..., E, ...]
+    corners = _box_bottom_corners(pos, z, yaw, size)                      # [..., 4, 3]
+    return signed_distance_to_edges(corners, e).max(dim=-1).values       # [...]
+
+
+# ==============================================================================================
+# 3.4 (and 3.5) when scoring: an exact nearest-segment search with pruning
+# ==============================================================================================
+def _segment_spheres(hull_a, hull_b, ok, chained, G: int):
+    """Bounding spheres of runs of at most G chained segments (a run never spans two polylines),
+    each sphere holding the points hull_a, hull_b of its segments. Returns centre [B, Gn, 3],
+    radius [B, Gn], first segment [B, Gn] and segment count [B, Gn] (0 = padding)."""
+    B, E = ok.shape
+    k = torch.arange(E, device=ok.device).expand(B, E)                    # [B, E]
+    run_start = torch.where(chained, torch.zeros_like(k), k).cummax(dim=1).values  # [B, E]
+    new_group = ok & (~chained | ((k - run_start) % G == 0))              # [B, E]
+    gid = new_group.long().cumsum(dim=1) - 1                              # [B, E]
+    Gn = int(gid.max()) + 2                                               # + a dump group for padding
+    gid = torch.where(ok, gid, torch.full_like(gid, Gn - 1))              # [B, E]
+    ends = torch.cat([hull_a, hull_b], dim=1)                             # [B, 2E, 3]
+    gid2 = torch.cat([gid, gid], dim=1)                                   # [B, 2E]
+    count = torch.zeros(B, Gn, device=ok.device).scatter_add_(1, gid2, torch.ones_like(gid2, dtype=ends.dtype))  # [B, Gn]
+    centre = torch.zeros(B, Gn, 3, device=ok.device)                      # [B, Gn, 3]
+    centre.scatter_add_(1, gid2.unsqueeze(-1).expand(-1, -1, 3), ends)
+    centre = centre / count.clamp(min=1.0).unsqueeze(-1)                  # [B, Gn, 3]
+    spread = (ends - gather_rows(centre, gid2)).norm(dim=-1)                    # [B, 2E]
+    radius = torch.zeros(B, Gn, device=ok.device).scatter_reduce_(1, gid2, spread, "amax")  # [B, Gn]
+    first = torch.full((B, Gn), E, device=ok.device).scatter_reduce_(1, gid, k, "amin")    # [B, Gn]
+    n_seg = (count / 2).long()                                            # [B, Gn]
+    n_seg[:, -1] = 0                                                      # the dump group
+    return centre, radius, first, n_seg
+
+
+def nearest_segments(q, a, b, ok, buggy: bool = False, G: int = EDGE_GROUP):
+    """The nearest segment of every query point, exact (first on ties) but without testing every
+    point against every segment.
+
+    q [B, N, P, 3]: N rows of P points, one candidate search per row; a, b [B, E, 3]; ok [B, E]
+    -> idx [B, N, P] into E (0 where a scene has no valid segment). With t = clip(rel_t, 0, 1) of
+    the 2D projection, the distance is |q - a - t (b - a)| (3D: callers stretch z beforehand for
+    the road-edge selection distance, 3.4) or, if buggy, |q - a + t (b - a)| (the lane search of
+    3.5, z = 0). Either is the distance from q to a point of a segment H: a-b, or its mirror
+    (2a - b)-a when buggy.
+
+    Pruning: runs of G chained segments get a sphere (c, r) around their H. All points of a row lie
+    within rho of the row mean m, so with lb = |m - c| - r and ub = |m - c| + r every point's nearest
+    segment lies in a group with lb <= min(ub) + 2 rho. Each point then repeats the test (rho = 0)
+    on its row's groups, and only the segments of the groups it keeps are measured. Rows are
+    processed sorted by how many groups they need, so that a few far-away points (a rollout
+    leaving the map) only slow down their own batch."""
+    B, N, P, _ = q.shape
+    E = ok.shape[1]
+    idx_out = torch.zeros(B * N, P, dtype=torch.long, device=q.device)    # [B N, P]
+    if E == 0 or N == 0:
+        return idx_out.view(B, N, P)
+    chained = torch.zeros_like(ok)                                        # [B, E]
+    chained[:, 1:] = (a[:, 1:] == b[:, :-1]).all(-1) & ok[:, 1:] & ok[:, :-1]
+    hull_a, hull_b = (2 * a - b, a) if buggy else (a, b)                  # [B, E, 3] the segments H
+    centre, radius, first, n_seg = _segment_spheres(hull_a, hull_b, ok, chained, G)  # [B, Gn, ...]
+    Gn, sign = centre.shape[1], (1.0 if buggy else -1.0)
+    g_ok = n_seg > 0                                                      # [B, Gn]
+    ab = (b - a).flatten(0, 1)                                            # [B E, 3] flat over scenes, so
+    len2 = ab[:, 0] ** 2 + ab[:, 1] ** 2                                  # [B E]   rows of any scene batch
+    inv_len2 = div_no_nan(torch.ones_like(len2), len2)                    # [B E] (rel_t = 0 if degenerate)
+    seg = [c.contiguous() for c in torch.cat([a.flatten(0, 1), ab], 1).unbind(1)] + [inv_len2]  # 7 x [B E]
+    first_flat = (first + E * torch.arange(B, device=q.device).unsqueeze(1)).flatten()  # [B Gn]
+    n_flat, g_ok_flat, radius_flat = n_seg.flatten(), g_ok.flatten(), radius.flatten()  # [B Gn]
+    centre_flat = centre.flatten(0, 1)                                    # [B Gn, 3]
+    m = q.mean(dim=2)                                                     # [B, N, 3] row centres
+    rho = (q - m.unsqueeze(2)).norm(dim=-1).amax(dim=-1)                  # [B, N]
+    q_flat = q.flatten(0, 1)                                              # [B N, P, 3]
+    offset = torch.arange(G, device=q.device)                             # [G]
+    scene_of = torch.arange(B, device=q.device).unsqueeze(1)              # [B, 1]
+    step = max(1, CHUNK // max(1, B * Gn))
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        dist = (m[:, n0:n1].unsqueeze(2) - centre.unsqueeze(1)).norm(dim=-1)  # [B, Nc, Gn]
+        lb = torch.where(g_ok.unsqueeze(1), (dist - radius.unsqueeze(1)).clamp(min=0.0), math.inf)  # [B, Nc, Gn]
+        ub = torch.where(g_ok.unsqueeze(1), dist + radius.unsqueeze(1), math.inf)  # [B, Nc, Gn]
+        bound = ub.amin(-1) + 2.0 * rho[:, n0:n1]                         # [B, Nc]
+        bound = bound + 1e-2 + 1e-4 * bound.abs()                         # float32 rounding margin
+        need = (lb <= bound.unsqueeze(-1)).sum(-1) * torch.isfinite(bound)  # [B, Nc] (0: scene has no segment)
+        need, order = need.flatten().sort()                               # [R = B Nc] fewest first
+        lb = lb.flatten(0, 1)                                             # [R, Gn]
+        row_id = (scene_of * N + torch.arange(n0, n1, device=q.device)).flatten()  # [R] into B N
+        group_base = (scene_of * Gn).expand(B, n1 - n0).flatten()         # [R]
+        i, R = 0, need.shape[0]
+        while i < R:
+            # the largest batch of rows whose [n, P, k G] distance tensor stays within CHUNK
+            cost = torch.arange(1, R - i + 1, device=q.device) * need[i:].clamp(min=1) * (P * G)  # [R - i]
+            j = i + max(1, int((cost <= CHUNK).sum()))
+            rows = order[i:j]                                             # [n]
+            k = max(1, int(need[j - 1]))
+            groups = lb.index_select(0, rows).topk(k, dim=-1, largest=False).indices.sort(dim=-1).values  # [n, k]
+            groups = groups + group_base.index_select(0, rows).unsqueeze(1)  # [n, k] flat group ids, ascending
+            rid = row_id.index_select(0, rows)                            # [n]
+            qc = q_flat.index_select(0, rid)                              # [n, P, 3]
+            # the same bound once more per point (rho = 0) among the row's k groups
+            dq = (qc.unsqueeze(2) - _pick(centre_flat, groups).unsqueeze(1)).norm(dim=-1)  # [n, P, k]
+            r_g = _pick(radius_flat, groups).unsqueeze(1)                 # [n, 1, k]
+            g_in = _pick(g_ok_flat, groups).unsqueeze(1)                  # [n, 1, k]
+            lb_q = torch.where(g_in, (dq - r_g).clamp(min=0.0), math.inf)  # [n, P, k]
+            ub_q = torch.where(g_in, dq + r_g, math.inf).amin(-1, keepdim=True)  # [n, P, 1]
+            keep = lb_q <= ub_q + 1e-2 + 1e-4 * ub_q.abs()                # [n, P, k]
+            k2 = max(1, int(keep.sum(-1).max()))
+            lb_k, pick = torch.where(keep, lb_q, math.inf).topk(k2, dim=-1, largest=False)  # [n, P, k2]
+            pick, at = pick.sort(dim=-1)                                  # ascending groups: first on ties
+            g2 = groups.unsqueeze(1).expand(-1, P, -1).gather(-1, pick)   # [n, P, k2] flat group ids
+            kept = torch.isfinite(lb_k.gather(-1, at))                    # [n, P, k2]
+            cand_ok = (offset < _pick(n_flat, g2).unsqueeze(-1)) & kept.unsqueeze(-1)  # [n, P, k2, G]
+            cand = (_pick(first_flat, g2).unsqueeze(-1) + offset).flatten(-2).clamp(max=B * E - 1)  # [n, P, k2 G]
+            ax, ay, az, dx, dy, dz, il = (_pick(w, cand) for w in seg)    # [n, P, k2 G]
+            qax, qay, qaz = (qc[..., c:c + 1] - w for c, w in enumerate((ax, ay, az)))  # [n, P, k2 G]
+            t = ((qax * dx + qay * dy) * il).clamp(0.0, 1.0) * sign       # [n, P, k2 G]
+            d = (qax + dx * t) ** 2 + (qay + dy * t) ** 2 + (qaz + dz * t) ** 2  # squared distance
+            d = torch.where(cand_ok.flatten(-2), d, math.inf)             # [n, P, k2 G]
+            best = cand.gather(-1, d.argmin(-1, keepdim=True)).squeeze(-1)  # [n, P]
+            idx_out.index_copy_(0, rid, best - E * (rid // N).unsqueeze(1))  # back to per-scene ids
+            i = j
+    return idx_out.view(B, N, P)
+
+
+def road_edge_distance_many(pos, z, yaw, size, table: dict, track: int = 1):
+    """box_road_edge_distance for many boxes pos [B, Q, 2], z/yaw [B, Q], size [B, Q, 3] against a
+    whole table [B, E] -> [B, Q], exact but pruned (scoring has ~1e5 boxes x ~5e3 segments).
+    Consecutive runs of `track` boxes (one agent's steps) share one candidate search."""
+    B, Q = pos.shape[:2]
+    if Q % track:
+        raise ValueError(f"road_edge_distance_many: {Q} boxes per scene are not a multiple of track={track}")
+    if table["valid"].shape[1] == 0:
+        return pos.new_full((B, Q), -BIG)
+    stretch = pos.new_tensor([1.0, 1.0, Z_STRETCH])                       # [3]
+    corners = _box_bottom_corners(pos, z, yaw, size)                      # [B, Q, 4, 3]
+    rows = (corners * stretch).view(B, Q // track, 4 * track, 3)          # [B, Qt, 4 track, 3]
+    idx = nearest_segments(rows, table["a"] * stretch, table["b"] * stretch, table["valid"])  # [B, Qt, 4 track]
+    idx = idx.view(B, Q, 4)                                               # [B, Q, 4]
+    f = {k: gather_rows(v, idx) for k, v in table.items()}                      # [B, Q, 4, ...]
+    return _signed_value(corners, f).amax(dim=-1)                         # [B, Q]

@@ -341,10 +341,10 @@ class ReferenceModel(nn.Module):
         (/work/notes/profile_before.md). The loop is over the 3 types, not over agents."""
         x = self.head(h).flatten(0, 1)                                         # [B*A, N', D]
         kind = agent_type.clamp(0, 2).flatten()                                # [B*A]
-        out = x.new_zeros(x.shape[:2] + (self.cfg.K,))                         # [B*A, N', K]
+        out = x.new_empty(x.shape[:2] + (self.cfg.K,))                         # [B*A, N', K] every row written below
         for c in range(3):
             rows = (kind == c).nonzero().squeeze(1)                            # [n_c]
-            out = out.index_copy(0, rows, x.index_select(0, rows) @ self.head_w[c].t() + self.head_b[c])
+            out.index_copy_(0, rows, x.index_select(0, rows) @ self.head_w[c].t() + self.head_b[c])
         return out.unflatten(0, h.shape[:2])                                   # [B, A, N', K]
 
     def step(self, ctx, scenes, prev_ids, prev_valid, pose, valid, past) -> tuple:

@@ -180,7 +180,8 @@ def bench_peer(device, worlds: int = 256, steps: int = 50, repeats: int = 5, see
         env = MultiAgentEnv(sc, EnvConfig(mode="continuous"))
         g = torch.Generator(device=device).manual_seed(seed)
         act = torch.stack([torch.rand(steps, worlds, 32, generator=g, device=device) * 6 - 3,
-                           torch.rand(steps, worlds, 32, generator=g, device=device) * 0.4 - 0.2], -1)  # [n, W, A, 2]
+                           torch.rand(steps, worlds, 32, generator=g, device=device) * 0.4 - 0.2],
+                          -1)  # [n, W, A, 2]
 
         def run():
             env.reset()
@@ -241,7 +242,8 @@ def bench_training(toy, model, tok, device, batch: int = 16, repeats: int = 3) -
 
     eight = trimmed(toy.select(slice(0, 8)))
     gen = torch.Generator(device=device).manual_seed(0)
-    wall, cpu = timed(lambda: RM.rollout(model, tok, eight, R=32, generator=gen, batch_worlds=256), device, repeats)
+    wall, cpu = timed(lambda: RM.rollout(model, tok, eight, R=32, generator=gen, batch_worlds=256), device,
+                      repeats)
     out.update(rates("reference_rollout_scenarios_per_s", 8 * 32, wall, cpu))
 
     cfg = R1.R1Config()
@@ -261,7 +263,8 @@ def bench_training(toy, model, tok, device, batch: int = 16, repeats: int = 3) -
     hist = []
 
     def ppo():
-        _, h = PA.train(pcfg, pool, pool_enc, tok.table, tok.n0, log_p_ref=functools.partial(RM.log_p_ref, ref, tok))
+        _, h = PA.train(pcfg, pool, pool_enc, tok.table, tok.n0,
+                        log_p_ref=functools.partial(RM.log_p_ref, ref, tok))
         hist[:] = h
     c0 = time.process_time()
     ppo()  # each iteration is timed by train() itself; the first one is the warm-up
@@ -297,14 +300,18 @@ def bench_spacer(runs: Path, scenes, tok_table, device) -> dict:
 
 ROWS = [  # (key, row label, format)
     ("env_step_agent_steps_per_s", "env token step, {worlds} toy worlds", "{:,.0f} agent-steps/s"),
-    ("env_step_obs_agent_steps_per_s", "env token step + observations, {worlds} toy worlds", "{:,.0f} agent-steps/s"),
-    ("peer_step_events_agent_steps_per_s", "peer workload: 256 x 32 vehicles, step + events", "{:,.0f} agent-steps/s"),
-    ("peer_step_obs_agent_steps_per_s", "peer workload: step + events + observations", "{:,.0f} agent-steps/s"),
+    ("env_step_obs_agent_steps_per_s", "env token step + observations, {worlds} toy worlds",
+     "{:,.0f} agent-steps/s"),
+    ("peer_step_events_agent_steps_per_s", "peer workload: 256 x 32 vehicles, step + events",
+     "{:,.0f} agent-steps/s"),
+    ("peer_step_obs_agent_steps_per_s", "peer workload: step + events + observations",
+     "{:,.0f} agent-steps/s"),
     ("peer_step_events_10x_segments_agent_steps_per_s", "peer workload, 10x road segments: step + events",
      "{:,.0f} agent-steps/s"),
     ("scoring_toy_scenes_per_s", "WOSAC scoring, 8 toy scenes, R = 32", "{:.2f} scenes/s"),
     ("scoring_womd_scenes_per_s", "WOSAC scoring, 8 real WOMD scenes, R = 32", "{:.2f} scenes/s"),
-    ("reference_rollout_scenarios_per_s", "reference rollout, 8 scenes x 32 (default size)", "{:.1f} scenarios/s"),
+    ("reference_rollout_scenarios_per_s", "reference rollout, 8 scenes x 32 (default size)",
+     "{:.1f} scenarios/s"),
     ("bc_scenes_per_s", "training, reference BC (16 scenes per step)", "{:.1f} scenes/s"),
     ("catk_scenes_per_s", "training, reference CAT-K (16 scenes per step)", "{:.2f} scenes/s"),
     ("ppo_agent_steps_per_s", "training, SPACeR PPO (default SpacerConfig)", "{:,.0f} agent-steps/s"),
@@ -354,7 +361,8 @@ def main(argv=None) -> dict:
         if "rollouts" in parts:
             fig.update(bench_spacer(Path(args.runs), toy32.select(slice(0, 8)).to(device), tok.table, device))
     threads = torch.get_num_threads()
-    md = [f"Device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{threads} CPU threads'}); "
+    where = torch.cuda.get_device_name() if device.type == 'cuda' else f'{threads} CPU threads'
+    md = [f"Device: {device} ({where}); "
           f"command: `{cmd.strip()}`; wall rates are medians, (cpu: per CPU-second of this process)", "",
           "| figure | value | key |", "|---|---|---|"]
     for key, label, f in ROWS:
@@ -373,7 +381,8 @@ def main(argv=None) -> dict:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1))
     print("\n".join(md))
-    print(f"\nwritten to {out / 'bench.md'} and {out / 'bench.json'}" + (f" and {args.json}" if args.json else ""))
+    also = f" and {args.json}" if args.json else ""
+    print(f"\nwritten to {out / 'bench.md'} and {out / 'bench.json'}{also}")
     return fig
 
 

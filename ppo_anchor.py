@@ -346,8 +346,8 @@ def ppo_update(policy, optimizer, batch: dict, cfg: SpacerConfig, anchor_coef: f
             loss.backward()
             nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             optimizer.step()
-            for k, v in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", entropy), ("approx_kl", approx_kl),
-                         ("clipfrac", clipfrac)):
+            for k, v in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", entropy),
+                         ("approx_kl", approx_kl), ("clipfrac", clipfrac)):
                 stats[k] = stats[k] + v.detach()
             n_mb += 1
     return {k: v.item() / max(n_mb, 1) for k, v in stats.items()}

@@ -341,7 +341,7 @@ class ReferenceModel(nn.Module):
         (/work/notes/profile_before.md). The loop is over the 3 types, not over agents."""
         x = self.head(h).flatten(0, 1)                                         # [B*A, N', D]
         kind = agent_type.clamp(0, 2).flatten()                                # [B*A]
-        out = x.new_empty(x.shape[:2] + (self.cfg.K,))                         # [B*A, N', K] every row written below
+        out = x.new_empty(x.shape[:2] + (self.cfg.K,))                  # [B*A, N', K] all rows set below
         for c in range(3):
             rows = (kind == c).nonzero().squeeze(1)                            # [n_c]
             out.index_copy_(0, rows, x.index_select(0, rows) @ self.head_w[c].t() + self.head_b[c])

@@ -314,7 +314,9 @@ def ppo_update(policy, optimizer, batch: dict, cfg: SpacerConfig, anchor_coef: f
     log pi_BC (hr-ppo: + anchor_coef KL(pi_BC || pi)); None for plain PPO."""
     M = batch["actions"].shape[0]
     forward_kl = cfg.anchor == "hr-ppo"
-    stats, clipfracs = {k: 0.0 for k in ("pg_loss", "v_loss", "entropy", "kl_anchor", "approx_kl")}, []
+    # statistics stay on the device and are read once at the end: no host sync per minibatch
+    zero = torch.zeros((), device=batch["actions"].device)
+    stats = {k: zero for k in ("pg_loss", "v_loss", "entropy", "kl_anchor", "approx_kl", "clipfrac")}
     n_mb = 0
     for _ in range(cfg.update_epochs):
         perm = torch.randperm(M, generator=gen).to(batch["actions"].device)      # [M]
@@ -328,7 +330,7 @@ def ppo_update(policy, optimizer, batch: dict, cfg: SpacerConfig, anchor_coef: f
             ratio = logratio.exp()                                                # [m]
             with torch.no_grad():
                 approx_kl = ((ratio - 1) - logratio).mean()
-                clipfracs.append(((ratio - 1.0).abs() > cfg.clip_coef).float().mean().item())
+                clipfrac = ((ratio - 1.0).abs() > cfg.clip_coef).float().mean()
             adv = batch["advantages"][mb]                                         # [m]
             adv = (adv - adv.mean()) / (adv.std() + 1e-8) if adv.numel() > 1 else adv
             pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)).mean()
@@ -339,17 +341,16 @@ def ppo_update(policy, optimizer, batch: dict, cfg: SpacerConfig, anchor_coef: f
                 anchor = batch["anchor_logp"][mb]                                 # [m, K]
                 kl = exact_kl(anchor, logp_all) if forward_kl else exact_kl(logp_all, anchor)  # [m]
                 loss = loss + anchor_coef * kl.mean()
-                stats["kl_anchor"] += kl.mean().item()
+                stats["kl_anchor"] = stats["kl_anchor"] + kl.mean().detach()
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             optimizer.step()
-            for k, v in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", entropy), ("approx_kl", approx_kl)):
-                stats[k] += v.item()
+            for k, v in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", entropy),
+                         ("approx_kl", approx_kl), ("clipfrac", clipfrac)):
+                stats[k] = stats[k] + v.detach()
             n_mb += 1
-    out = {k: v / max(n_mb, 1) for k, v in stats.items()}
-    out["clipfrac"] = sum(clipfracs) / max(len(clipfracs), 1)
-    return out
+    return {k: v.item() / max(n_mb, 1) for k, v in stats.items()}
 
 
 def flatten(roll: dict, advantages, returns, agent_type, anchor_logp) -> dict:

@@ -214,3 +214,16 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, monkeypatch):
 def test_unknown_stage_exits_2():
     import train
     assert train.main(["--stage", "bogus"]) == 2
+
+
+def test_logits_equal_per_agent_type_layers(toy):
+    """The batched head (one matmul against all 3 types, then a gather) gives each agent exactly the
+    logits of its own type's output layer, as gathering a [K, D] weight per agent did."""
+    scenes, tok = toy
+    model = tiny_model(tok)
+    torch.nn.init.normal_(model.head_b)
+    h = torch.randn(scenes.B, scenes.A, 5, TINY.D)                                # [B, A, N', D]
+    kind = torch.arange(scenes.B * scenes.A).view(scenes.B, scenes.A) % 3         # [B, A] every type
+    w, b = model.head_w[kind], model.head_b[kind]                                 # [B, A, K, D], [B, A, K]
+    expected = torch.einsum("band,bakd->bank", model.head(h), w) + b[:, :, None]  # [B, A, N', K]
+    assert torch.allclose(model.logits(h, kind), expected, atol=1e-5)

@@ -48,6 +48,7 @@ import ppo_anchor as PA
 import r1_finetune as R1
 import reference_model as RM
 import scenes as S
+import train
 import wosac_metrics as wm
 from env import EnvConfig, MultiAgentEnv
 from evaluate import sync
@@ -217,7 +218,6 @@ def default_reference(scenes, device, seed: int = 0) -> tuple:
 
 
 def trimmed(scenes):
-    import train
     return train.trim(scenes)[0]
 
 

@@ -223,6 +223,28 @@ def _scene_adjacency(rp, tang, n_pts, lane_mid, lane_dir, cfg: DriverConfig, ste
     return out
 
 
+@dataclass
+class _Neighbours:
+    """My K nearest agents seen from my route (step 1), all [B, A, K]: along-route distance ds,
+    lateral offset e and in 1 s e_soon, half extents along (hl) and across (hw) my route, the
+    bumper-to-bumper gap, the IDM braking term each imposes as my leader, oncoming, ok (present
+    and inside my route window), and their own v, s0, T, a_max, b (for them as my follower)."""
+    ds: torch.Tensor
+    e: torch.Tensor
+    hl: torch.Tensor
+    hw: torch.Tensor
+    e_soon: torch.Tensor
+    gap: torch.Tensor
+    term: torch.Tensor
+    oncoming: torch.Tensor
+    ok: torch.Tensor
+    v: torch.Tensor
+    s0: torch.Tensor
+    T: torch.Tensor
+    a_max: torch.Tensor
+    b: torch.Tensor
+
+
 class HumanDriver:
     """The stochastic closed-loop driver of a batch of scenes (maybe [B*R] repeated scenes).
 
@@ -246,6 +268,7 @@ class HumanDriver:
         self.steer_max, self.l_min = per_type(cfg.steer_max), per_type(cfg.preview_min)
         self.lat_acc = per_type(cfg.lat_accel)
         self.sig_a, self.sig_k = per_type(cfg.accel_noise), per_type(cfg.curv_noise)
+        self.half = 0.5 * self.W + torch.where(self.is_ped, 0.1, 0.3)      # [B, A] lane band: my width + margin
 
         # ---- routes, extended straight past their end --------------------------------------
         rv = scenes.route_valid
@@ -373,108 +396,116 @@ class HumanDriver:
         dpsi = wrap_angle(yaw_q - torch.atan2(u[..., 1], u[..., 0]))       # [B, A, K]
         return ds, cross2(u, rel), dpsi, inside
 
-    # ---- one decision ------------------------------------------------------------------------
-    def act(self, pos, yaw, speed, active, t: int = 0):
-        """One 0.1 s decision for every agent from the physical state: pos [B, A, 2], yaw, speed
-        [B, A], active [B, A] (agents present: obstacles and actors). t is the step index, unused:
-        the driver is Markov. -> accel, steer [B, A], zero for inactive agents and agents without a
-        route, for env.bicycle_step."""
-        cfg, dev = self.cfg, pos.device
-        B, A = pos.shape[:2]
-        if (B, A) != (self.B, self.A):
-            raise ValueError(f"HumanDriver.act: pos is [{B}, {A}, 2] but the driver was built for B={self.B}, A={self.A}")
-        v = speed.clamp(min=0.0)                                            # [B, A]
-        L, Wd = self.L, self.W
-        noise_a, noise_k, noise_g = self._randn((3, B, A), dev).unbind(0)  # [B, A] each
-        u_lc, u_side = self._rand((B, A), dev), self._rand((B, A), dev)
-        idm = lambda vl, g, s0: idm_term(v, vl, g, s0, self.T, self.a_max, self.b)  # [B, A]
-
-        # ---- 1. my route frame, my neighbours in it ------------------------------------------
-        s, e, psi_r, kap_r, j = self._project(pos)                         # [B, A]
-        theta = wrap_angle(yaw + torch.atan(0.5 * kap_r * L) - psi_r)      # [B, A] heading error (with slip)
-        pair_ok = active.unsqueeze(1) & active.unsqueeze(2) & ~torch.eye(A, dtype=torch.bool, device=dev)  # [B, A, A]
-        dist = torch.where(pair_ok, torch.cdist(pos, pos), torch.full_like(pair_ok, math.inf, dtype=pos.dtype))  # [B, A, A]
+    # ---- one decision, step by step (the numbers are the module docstring's) ----------------------
+    def _neighbours(self, pos, yaw, v, pair_ok, j, s) -> _Neighbours:
+        """Step 1: my K nearest agents projected onto a window of my route, their half extents
+        along and across it, their bumper-to-bumper gap and the IDM braking term each would impose
+        as my leader."""
+        cfg, A = self.cfg, pos.shape[1]
+        inf = torch.full_like(pair_ok, math.inf, dtype=pos.dtype)          # [B, A, A]
+        dist = torch.where(pair_ok, torch.cdist(pos, pos), inf)             # [B, A, A]
         dk, nb = dist.topk(max(1, min(cfg.neighbours, A - 1)), dim=-1, largest=False)  # [B, A, K]
-        feats = torch.stack([pos[..., 0], pos[..., 1], yaw, L, Wd, v, self.s0, self.T, self.a_max, self.b], -1)  # [B, A, 10]
+        feats = torch.stack([pos[..., 0], pos[..., 1], yaw, self.L, self.W, v,
+                             self.s0, self.T, self.a_max, self.b], -1)      # [B, A, 10]
         xj, yj, yawj, Lj, Wj, vj, s0j, Tj, amaxj, bj = gather_rows(feats, nb).unbind(-1)  # [B, A, K] each
         ds, ej, dpsi, inside = self._in_route_frame(torch.stack([xj, yj], -1), yawj, j, s)  # [B, A, K]
-        nb_ok = torch.isfinite(dk) & inside
         cos_d, sin_d = dpsi.cos(), dpsi.sin()
         hl = 0.5 * Lj * cos_d.abs() + 0.5 * Wj * sin_d.abs()              # [B, A, K] half extent along my route
         hw = 0.5 * Lj * sin_d.abs() + 0.5 * Wj * cos_d.abs()              # [B, A, K] half extent across it
-        e_soon = ej + vj * sin_d * 1.0                                     # [B, A, K] lateral position in 1 s
-        gap = ds - 0.5 * L.unsqueeze(-1) - hl                              # [B, A, K] bumper to bumper
-        term_nb = idm_term(v.unsqueeze(-1), (vj * cos_d).clamp(min=0.0), gap, self.s0.unsqueeze(-1),
-                           self.T.unsqueeze(-1), self.a_max.unsqueeze(-1), self.b.unsqueeze(-1))  # [B, A, K]
-        oncoming = cos_d < -0.5
-        half = 0.5 * Wd + torch.where(self.is_ped, 0.1, 0.3)              # [B, A] half band: my width + margin
+        gap = ds - 0.5 * self.L.unsqueeze(-1) - hl                         # [B, A, K] bumper to bumper
+        term = idm_term(v.unsqueeze(-1), (vj * cos_d).clamp(min=0.0), gap, self.s0.unsqueeze(-1),
+                        self.T.unsqueeze(-1), self.a_max.unsqueeze(-1), self.b.unsqueeze(-1))  # [B, A, K]
+        return _Neighbours(ds=ds, e=ej, hl=hl, hw=hw,
+                           e_soon=ej + vj * sin_d * 1.0,                   # [B, A, K] lateral position in 1 s
+                           gap=gap, term=term, oncoming=cos_d < -0.5, ok=torch.isfinite(dk) & inside,
+                           v=vj, s0=s0j, T=Tj, a_max=amaxj, b=bj)
 
-        def band(lo, hi):
-            """Neighbours overlapping the lateral band [lo, hi] of my route now [B, A, K], the
-            strongest IDM braking term from those ahead (now or in 1 s) [B, A], and whether one is
-            alongside [B, A]. Oncoming agents count only if they really overlap (people pass)."""
-            lo, hi = lo.unsqueeze(-1), hi.unsqueeze(-1)                    # [B, A, 1]
-            now = nb_ok & (ej + hw > lo) & (ej - hw < hi)                  # [B, A, K]
-            now &= ~oncoming | ((ej - 0.5 * (lo + hi)).abs() < hw + 0.5 * (hi - lo) - 0.3)
-            soon = nb_ok & (e_soon + hw > lo) & (e_soon - hw < hi) & (gap < 30.0) & ~oncoming
-            term = torch.where((ds > 0) & (now | soon), term_nb, torch.zeros_like(term_nb)).amax(-1)  # [B, A]
-            side = (now & (ds.abs() < 0.5 * L.unsqueeze(-1) + hl + 1.0)).any(-1)  # [B, A]
-            return now, term, side
+    def _band(self, nb: _Neighbours, lo, hi):
+        """Neighbours overlapping the lateral band [lo, hi] of my route now [B, A, K], the
+        strongest IDM braking term from those ahead (now or in 1 s) [B, A], and whether one is
+        alongside [B, A]. Oncoming agents count only if they really overlap (people pass)."""
+        lo, hi = lo.unsqueeze(-1), hi.unsqueeze(-1)                        # [B, A, 1]
+        now = nb.ok & (nb.e + nb.hw > lo) & (nb.e - nb.hw < hi)            # [B, A, K]
+        now &= ~nb.oncoming | ((nb.e - 0.5 * (lo + hi)).abs() < nb.hw + 0.5 * (hi - lo) - 0.3)
+        soon = nb.ok & (nb.e_soon + nb.hw > lo) & (nb.e_soon - nb.hw < hi) & (nb.gap < 30.0) & ~nb.oncoming
+        ahead = (nb.ds > 0) & (now | soon)                                 # [B, A, K]
+        term = torch.where(ahead, nb.term, torch.zeros_like(nb.term)).amax(-1)  # [B, A]
+        side = (now & (nb.ds.abs() < 0.5 * self.L.unsqueeze(-1) + nb.hl + 1.0)).any(-1)  # [B, A]
+        return now, term, side
 
-        # ---- 2. which lane: keep it, go on with a change, or start one --------------------------
+    def _current_lane(self, e, theta, v, j, ell):
+        """Step 5, re-inferred from the pose: the lane I am in (its offset c_off [B, A]), the lanes
+        left and right of it (NaN where none), and the target lane e*: the current one unless I
+        lean towards a neighbour (a change in progress). Also whether I may start a new change."""
+        cfg = self.cfg
         adj = _along(self.adj, (j // self.adj_step).unsqueeze(-1)).squeeze(2)  # [B, A, 2]
         off_l, off_r = adj[..., 0], adj[..., 1]                            # [B, A]
         has_l, has_r = off_l > 0.5, off_r < -0.5
-        inf, nan = torch.full_like(e, math.inf), torch.full_like(e, math.nan)
-        lanes = torch.stack([torch.zeros_like(e), torch.where(has_l, off_l, inf), torch.where(has_r, off_r, inf)], -1)  # [B, A, 3]
+        inf, nan, zero = torch.full_like(e, math.inf), torch.full_like(e, math.nan), torch.zeros_like(e)
+        lanes = torch.stack([zero, torch.where(has_l, off_l, inf), torch.where(has_r, off_r, inf)], -1)  # [B, A, 3]
         cur = (lanes - e.unsqueeze(-1)).abs().argmin(-1)                   # [B, A] 0 route lane, 1 left, 2 right
         c_off = lanes.gather(-1, cur.unsqueeze(-1)).squeeze(-1)            # [B, A]
-        left_of = torch.where(cur == 0, torch.where(has_l, off_l, nan), torch.where(cur == 2, torch.zeros_like(e), nan))
-        right_of = torch.where(cur == 0, torch.where(has_r, off_r, nan), torch.where(cur == 1, torch.zeros_like(e), nan))
-        ell = torch.maximum(self.l_min, v * cfg.preview_time)              # [B, A] lateral preview length
+        left_of = torch.where(cur == 0, torch.where(has_l, off_l, nan), torch.where(cur == 2, zero, nan))
+        right_of = torch.where(cur == 0, torch.where(has_r, off_r, nan), torch.where(cur == 1, zero, nan))
         lean = 0.5 * cfg.lane_width * (v.clamp(min=1.0) * DT) / ell ** 2   # half the lean of one lane-change step
         can = self.is_veh & self.has_route & (v > 3.0)
         lean_l = can & (theta.sin() > lean) & (e - c_off > -0.1) & ~left_of.isnan()
         lean_r = can & (theta.sin() < -lean) & (e - c_off < 0.1) & ~right_of.isnan()
         target = torch.where(lean_l, left_of, torch.where(lean_r, right_of, c_off))  # [B, A]
-        _, term_cur, _ = band(torch.minimum(e, target) - half, torch.maximum(e, target) + half)
-        # maybe start a change towards a random side that has a lane
+        return target, c_off, left_of, right_of, can & ~lean_l & ~lean_r
+
+    def _lane_change(self, nb: _Neighbours, e, v, target, c_off, left_of, right_of, free, u_lc, u_side):
+        """Step 5, new changes: towards a random side that has a lane, at a Poisson rate raised
+        by a MOBIL-like incentive (the other lane lets me go faster), only if neither my new
+        leader nor my new follower must brake harder than safe_decel. A change in progress gives
+        up if someone is alongside in the target lane. -> target offset e* [B, A]."""
+        cfg, half = self.cfg, self.half
+        _, term_cur, _ = self._band(nb, torch.minimum(e, target) - half, torch.maximum(e, target) + half)
         go_left = u_side < 0.5
-        cand = torch.where(go_left, left_of, right_of)
+        cand = torch.where(go_left, left_of, right_of)                     # [B, A]
         cand = torch.where(cand.isnan(), torch.where(go_left, right_of, left_of), cand)  # [B, A]
-        maybe = can & ~lean_l & ~lean_r & ~cand.isnan()
+        maybe = free & ~cand.isnan()
         cand = torch.where(cand.isnan(), c_off, cand)
-        now_new, term_new, side_new = band(cand - half, cand + half)
-        g_f = -ds - 0.5 * L.unsqueeze(-1) - hl                             # [B, A, K] gap of a new follower behind me
-        f_term = idm_term(vj, v.unsqueeze(-1), g_f, s0j, Tj, amaxj, bj)    # [B, A, K]
-        f_ok = (~(now_new & (ds < 0)) | (amaxj * (1 - f_term) > -cfg.safe_decel)).all(-1)  # [B, A]
+        now_new, term_new, side_new = self._band(nb, cand - half, cand + half)
+        g_f = -nb.ds - 0.5 * self.L.unsqueeze(-1) - nb.hl                  # [B, A, K] gap of a new follower behind me
+        f_term = idm_term(nb.v, v.unsqueeze(-1), g_f, nb.s0, nb.T, nb.a_max, nb.b)  # [B, A, K]
+        f_ok = (~(now_new & (nb.ds < 0)) | (nb.a_max * (1 - f_term) > -cfg.safe_decel)).all(-1)  # [B, A]
         safe = ~side_new & f_ok & (self.a_max * (1 - term_new) > -cfg.safe_decel)
         gain = self.a_max * (term_cur - term_new) > cfg.lane_change_incentive
         rate = cfg.lane_change_rate + cfg.lane_change_gain * gain.float() + cfg.return_rate * (cand == 0).float()
         start = maybe & safe & (u_lc < 1 - torch.exp(-rate * DT))
         target = torch.where(start, cand, target)
-        _, _, side_tgt = band(target - half, target + half)                # a change in progress gives up
-        target = torch.where((target != c_off) & side_tgt & ~start, c_off, target)  # if someone is alongside
+        _, _, side_tgt = self._band(nb, target - half, target + half)
+        return torch.where((target != c_off) & side_tgt & ~start, c_off, target)
 
-        # ---- 3. car following in my lane band, curve speed ---------------------------------------
-        _, term, _ = band(torch.minimum(e, target) - half, torch.maximum(e, target) + half)  # [B, A]
+    def _curve_speed(self, s, j):
+        """Step 2, the desired speed capped by the curves ahead: v0 <= sqrt(a_lat / |kappa| + 2 b d)
+        over the route window ahead (braking in time for a curve d metres away) -> [B, A]."""
         P = self.rp.shape[2]
         widx = (j.unsqueeze(-1) + self.win[self.win >= 0]).clamp(0, P - 1)  # [B, A, W']
         w_ds = (_along(self.rs, widx) - s.unsqueeze(-1)).clamp(min=0.0)    # [B, A, W']
         v_curve = torch.sqrt(self.lat_acc.unsqueeze(-1) / _along(self.kap, widx).abs().clamp(min=1e-4)
                              + 2 * self.b.unsqueeze(-1) * w_ds)            # [B, A, W'] brake in time for the curve
-        v0 = torch.minimum(self.v0, v_curve.amin(-1))                      # [B, A]
+        return torch.minimum(self.v0, v_curve.amin(-1))                    # [B, A]
 
-        # ---- 4. stop line: rolling stop, released once the front is within 1 m ----------------
-        stop_gap = torch.full_like(v, cfg.stop_gap)
-        d_stop = self.s_stop - s - 0.5 * L                                 # [B, A]
-        at_stop = torch.isfinite(d_stop) & (d_stop > 1.0) & (d_stop < cfg.horizon)
-        term = torch.where(at_stop, torch.maximum(term, idm(torch.zeros_like(v), d_stop, stop_gap)), term)
+    def _virtual_leader(self, v, gap):
+        """Step 2, the IDM braking term of a stopped virtual leader `gap` metres ahead [B, A]."""
+        stop_gap = torch.full_like(v, self.cfg.stop_gap)                   # [B, A]
+        return idm_term(v, torch.zeros_like(v), gap, stop_gap, self.T, self.a_max, self.b)
 
-        # ---- 5. gap acceptance at conflict zones (all pairs; i = me = dim 1, o = other = dim 2) ----
+    def _stop_line(self, s):
+        """Step 2, rolling stop: whether my stop line holds me (released once my front is within
+        1 m) and the gap to it, [B, A] each."""
+        d_stop = self.s_stop - s - 0.5 * self.L                            # [B, A]
+        return torch.isfinite(d_stop) & (d_stop > 1.0) & (d_stop < self.cfg.horizon), d_stop
+
+    def _gap_acceptance(self, s, v, pair_ok, noise_g):
+        """Step 3 over all pairs (i = me = dim 1, o = other = dim 2): whether I must yield [B, A]
+        and the gap to the waiting point before my first conflict zone ahead [B, A]."""
+        cfg, A = self.cfg, s.shape[1]
         front = self.sc - s.unsqueeze(2)                                   # [B, A, A] my centre to my waiting point
         front_o = front.transpose(1, 2)                                    # [B, A, A] the other's centre to its own
-        cleared_o = (s - 0.5 * L).unsqueeze(1) > self.so_other             # its rear is past its exit
+        cleared_o = (s - 0.5 * self.L).unsqueeze(1) > self.so_other        # its rear is past its exit
         inside_o = (front_o < 0) & ~cleared_o
         committed = front < 0.5
         vi, vo = v.unsqueeze(2), v.unsqueeze(1)                            # [B, A, 1], [B, 1, A]
@@ -482,7 +513,7 @@ class HumanDriver:
         t_arr = front.clamp(min=0.0) / vi.clamp(min=0.5)                   # [B, A, A]
         score = 1000.0 * can_stop.float() + self.rank + t_arr.clamp(max=9.9)  # lower goes first
         score_o = score.transpose(1, 2)
-        idx = torch.arange(A, device=dev)
+        idx = torch.arange(A, device=s.device)
         first_o = (score_o < score) | ((score_o == score) & (idx.view(1, 1, A) < idx.view(1, A, 1)))
         D = front.clamp(min=0.0) + self.body                               # [B, A, A] my body through the zone
         t_clear = D / torch.maximum(vi, torch.sqrt(0.5 * self.a_max.unsqueeze(2) * D)).clamp(min=0.5)
@@ -491,30 +522,78 @@ class HumanDriver:
         # gap) or clears it before I arrive
         g_crit = (self.T + cfg.critical_gap + cfg.gap_noise * noise_g).clamp(min=0.5).unsqueeze(2)  # [B, A, 1] s
         gap_ok = (t_o > t_clear + g_crit) | (t_clear.transpose(1, 2) + 1.0 < t_arr)
-        # a zone matters once it is close: within decision_time at my speed, or my comfortable stopping distance
-        reach = torch.maximum(vi * cfg.decision_time, vi ** 2 / self.b.unsqueeze(2) + 10.0).clamp(max=cfg.horizon)  # [B, A, 1]
+        # a zone matters once it is close: within decision_time at my speed, or my comfortable
+        # stopping distance
+        reach = torch.maximum(vi * cfg.decision_time,
+                              vi ** 2 / self.b.unsqueeze(2) + 10.0).clamp(max=cfg.horizon)  # [B, A, 1]
         live = self.conf & pair_ok & ~cleared_o & ~committed & (front < reach) & (front_o < cfg.horizon)
         must_yield = (live & (inside_o | (first_o & ~gap_ok))).any(-1)     # [B, A]
-        first_zone = torch.where(self.conf & pair_ok & ~committed, front, torch.full_like(front, math.inf)).amin(-1)  # [B, A]
+        ahead = self.conf & pair_ok & ~committed                           # [B, A, A]
+        first_zone = torch.where(ahead, front, torch.full_like(front, math.inf)).amin(-1)  # [B, A]
         g_yield = first_zone - cfg.yield_margin                            # stop before my first zone ahead
-        wait = must_yield & torch.isfinite(g_yield)
-        term = torch.where(wait, torch.maximum(term, idm(torch.zeros_like(v), g_yield, stop_gap)), term)
+        return must_yield & torch.isfinite(g_yield), g_yield
 
-        # ---- 6. IDM acceleration ------------------------------------------------------------------
+    def _idm_accel(self, v, v0, term, noise_a):
+        """Steps 2 and 6: the IDM acceleration from the free-road part and the strongest braking
+        term, plus white noise, within [a_min, 3] m/s^2 -> [B, A]."""
         free = self.a_max * (1 - (v / v0) ** 4)                            # [B, A]
         # no overshoot of v0 within a step (a parked agent stays parked), no harsh braking above it
         free = torch.where(v < v0, torch.minimum(free, (v0 - v) / DT),
                            torch.maximum(free, torch.maximum(-self.b, (v0 - v) / DT)))
-        accel = free - self.a_max * term + self.sig_a * noise_a * v.clamp(max=1.0)
-        accel = torch.maximum(torch.minimum(accel, torch.full_like(accel, 3.0)), self.a_min)
+        accel = free - self.a_max * term + self.sig_a * noise_a * v.clamp(max=1.0)  # [B, A]
+        return torch.maximum(torch.minimum(accel, torch.full_like(accel, 3.0)), self.a_min)
 
-        # ---- 7. steering: curvature feedforward + damped feedback to the target lane -----------
-        de = (e - target).clamp(-cfg.lane_width, cfg.lane_width)
-        kappa = kap_r - de / ell ** 2 - 2 * cfg.damping * theta.sin() / ell + self.sig_k * noise_k * (v > 0.3).float()
-        x = (kappa * L).clamp(-1.9, 1.9)
+    def _steer(self, e, target, theta, kap_r, ell, v, noise_k):
+        """Steps 4 and 6: curvature feedforward + critically damped feedback to the target lane,
+        plus white noise, inverted to the bicycle's steering angle within +-steer_max -> [B, A]."""
+        cfg = self.cfg
+        de = (e - target).clamp(-cfg.lane_width, cfg.lane_width)           # [B, A]
+        noise = self.sig_k * noise_k * (v > 0.3).float()                   # [B, A]
+        kappa = kap_r - de / ell ** 2 - 2 * cfg.damping * theta.sin() / ell + noise  # [B, A]
+        x = (kappa * self.L).clamp(-1.9, 1.9)
         steer = torch.atan(x / torch.sqrt(1 - x ** 2 / 4))                 # inverts kappa = cos(beta) tan(delta) / L
-        steer = torch.maximum(torch.minimum(steer, self.steer_max), -self.steer_max)
+        return torch.maximum(torch.minimum(steer, self.steer_max), -self.steer_max)
 
+    def act(self, pos, yaw, speed, active, t: int = 0):
+        """One 0.1 s decision for every agent from the physical state: pos [B, A, 2], yaw, speed
+        [B, A], active [B, A] (agents present: obstacles and actors). t is the step index, unused:
+        the driver is Markov. -> accel, steer [B, A], zero for inactive agents and agents without a
+        route, for env.bicycle_step.
+
+        The module docstring's steps, in order: my route frame and my neighbours in it (1); which
+        lane: keep it, go on with a change, or start one (5); car following in my lane band and the
+        curve speed (2); the stop line (2); gap acceptance at conflict zones (3); the IDM
+        acceleration (2, 6); the steering (4, 6)."""
+        B, A = pos.shape[:2]
+        if (B, A) != (self.B, self.A):
+            raise ValueError(f"HumanDriver.act: pos is [{B}, {A}, 2] but the driver was built for "
+                             f"B={self.B}, A={self.A}")
+        dev = pos.device
+        v = speed.clamp(min=0.0)                                            # [B, A]
+        # all the step's randomness, drawn first and in this order: a seed fixes every decision
+        noise_a, noise_k, noise_g = self._randn((3, B, A), dev).unbind(0)  # [B, A] each
+        u_lc, u_side = self._rand((B, A), dev), self._rand((B, A), dev)    # [B, A] each
+
+        s, e, psi_r, kap_r, j = self._project(pos)                         # [B, A]
+        theta = wrap_angle(yaw + torch.atan(0.5 * kap_r * self.L) - psi_r)  # [B, A] heading error (with slip)
+        eye = torch.eye(A, dtype=torch.bool, device=dev)                   # [A, A]
+        pair_ok = active.unsqueeze(1) & active.unsqueeze(2) & ~eye         # [B, A, A]
+        nb = self._neighbours(pos, yaw, v, pair_ok, j, s)
+
+        ell = torch.maximum(self.l_min, v * self.cfg.preview_time)         # [B, A] lateral preview length
+        target, c_off, left_of, right_of, free = self._current_lane(e, theta, v, j, ell)
+        target = self._lane_change(nb, e, v, target, c_off, left_of, right_of, free, u_lc, u_side)
+
+        _, term, _ = self._band(nb, torch.minimum(e, target) - self.half,
+                                torch.maximum(e, target) + self.half)      # [B, A]
+        v0 = self._curve_speed(s, j)                                        # [B, A]
+        at_stop, d_stop = self._stop_line(s)
+        term = torch.where(at_stop, torch.maximum(term, self._virtual_leader(v, d_stop)), term)
+        wait, g_yield = self._gap_acceptance(s, v, pair_ok, noise_g)
+        term = torch.where(wait, torch.maximum(term, self._virtual_leader(v, g_yield)), term)
+
+        accel = self._idm_accel(v, v0, term, noise_a)                       # [B, A]
+        steer = self._steer(e, target, theta, kap_r, ell, v, noise_k)       # [B, A]
         go = active & self.has_route
         zero = torch.zeros_like(accel)
         return torch.where(go, accel, zero), torch.where(go, steer, zero)

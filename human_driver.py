@@ -42,6 +42,7 @@ Per agent and step (everything batched over B scenes x A agents, on the inputs' 
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,7 @@ VEH, PED, CYC = 0, 1, 2
 
 @dataclass
 class DriverConfig:
-    accel_noise: tuple = (0.3, 0.15, 0.25)      # m/s^2, std of white acceleration noise per type (veh, ped, cyc)
+    accel_noise: tuple = (0.3, 0.15, 0.25)      # m/s^2, std of white accel noise per type (veh, ped, cyc)
     curv_noise: tuple = (0.002, 0.03, 0.006)    # 1/m, std of white curvature noise per type
     a_max: tuple = (2.0, 1.0, 1.5)              # m/s^2, IDM maximum acceleration per type
     a_min: tuple = (-6.0, -3.0, -4.0)           # m/s^2, hardest (emergency) braking per type
@@ -65,26 +66,27 @@ class DriverConfig:
     damping: float = 0.9                        # zeta of the lateral feedback
     lat_accel: tuple = (2.0, 10.0, 1.5)         # m/s^2, comfortable lateral acceleration in curves per type
     lane_change_rate: float = 0.02              # 1/s, spontaneous lane changes when the other lane is safe
-    lane_change_gain: float = 0.4               # 1/s, extra rate when the other lane lets the driver go faster
+    lane_change_gain: float = 0.4               # 1/s, extra rate when the other lane is faster
     lane_change_incentive: float = 0.3          # m/s^2, acceleration gain that counts as "faster"
     return_rate: float = 0.03                   # 1/s, extra rate of changing back to the route's own lane
     safe_decel: float = 2.0                     # m/s^2, most braking a lane change may impose on anyone
     lane_width: float = 3.6                     # m, nominal lane width used to look for neighbouring lanes
     critical_gap: float = 1.0                   # s, added to the driver's headway T: the accepted time gap
     gap_noise: float = 0.7                      # s, std of the accepted time gap, drawn anew every step
-    yield_margin: float = 0.5                   # m, a yielding agent's centre stops this far before its waiting point
-    stop_gap: float = 0.5                       # m, standstill gap to virtual leaders (stop lines, yield points)
+    yield_margin: float = 0.5                   # m, a yielder's centre stops this far before its wait point
+    stop_gap: float = 0.5                       # m, standstill gap to virtual leaders (stop lines, yielding)
     horizon: float = 60.0                       # m, conflicts and stop lines further ahead are ignored
-    decision_time: float = 4.0                  # s, a conflict zone is considered once this close (or braking needs it)
-    conflict_radius: float = 3.0                # m, routes closer than this (not head-on) share a conflict zone
-    conflict_step: float = 4.0                  # m, route sampling when looking for conflicts (< 2 * radius / sqrt 2)
+    decision_time: float = 4.0                  # s, zones count once this close (or braking needs it)
+    conflict_radius: float = 3.0                # m, routes closer than this (not head-on) share a zone
+    conflict_step: float = 4.0                  # m, route sampling for conflicts (< 2 * radius / sqrt 2)
     conflict_length: float = 160.0              # m, conflicts are searched on the first part of each route
     neighbours: int = 12                        # nearest agents projected onto my route each step
     window: tuple = (-12, 60, 4)                # route-window points (from, to, step) in route points (~m)
 
 
 def _along(x, idx):
-    """x [B, A, P] or [B, A, P, D] read along the route points P at idx [B, A, *I] -> [B, A, *I] or [B, A, *I, D]."""
+    """x [B, A, P] or [B, A, P, D] read along the route points P at idx [B, A, *I]
+    -> [B, A, *I] or [B, A, *I, D]."""
     flat = idx.flatten(2)                                                 # [B, A, I]
     if x.dim() == 3:
         return x.gather(2, flat).view(idx.shape)
@@ -134,9 +136,10 @@ def _scene_conflicts(rp, rs, tang, n_pts, L, W, cfg: DriverConfig):
     nv = V.sum(1)                                                         # [n]
     D = torch.cdist(X.reshape(-1, 2), X.reshape(-1, 2)).view(n, C, n, C)  # [n, C, n, C]
     D = torch.where(V.view(1, 1, n, C), D, torch.full_like(D, math.inf))
-    dmin, q = D.min(3)                                                    # [n(i), C, n(j)] nearest point of j's route
-    Uq = U.unsqueeze(0).expand(n, n, C, 2).gather(2, q.transpose(1, 2).unsqueeze(-1).expand(n, n, C, 2))  # [n(i), n(j), C, 2]
-    Uq = Uq.transpose(1, 2)                                               # [n(i), C, n(j), 2] j's direction there
+    dmin, q = D.min(3)                                                    # [n(i), C, n(j)] nearest on j
+    q_ij = q.transpose(1, 2).unsqueeze(-1).expand(n, n, C, 2)             # [n(i), n(j), C, 2]
+    Uq = U.unsqueeze(0).expand(n, n, C, 2).gather(2, q_ij)                # [n(i), n(j), C, 2]
+    Uq = Uq.transpose(1, 2)                                               # [n(i), C, n(j), 2] j's heading
     cos = (U.unsqueeze(2) * Uq).sum(-1)                                   # [n, C, n]
     sin = cross2(U.unsqueeze(2), Uq).abs()                                # [n, C, n]
     # crossing (> 20 degrees) within conflict_radius, or nearly parallel but closer than 2 m (merging);
@@ -154,25 +157,29 @@ def _scene_conflicts(rp, rs, tang, n_pts, L, W, cfg: DriverConfig):
     d0 = (qa - t.unsqueeze(-1) * ab).norm(dim=-1)                         # [n, n, C-1]
     d0 = torch.where(V[:, 1:].unsqueeze(0), d0, torch.full_like(d0, math.inf))
     dst, k0 = d0.min(-1)                                                  # [n, n]
-    Uk = U.unsqueeze(0).expand(n, n, C, 2).gather(2, k0.view(n, n, 1, 1).expand(n, n, 1, 2)).squeeze(2)  # [n, n, 2]
+    k0_ij = k0.view(n, n, 1, 1).expand(n, n, 1, 2)                        # [n, n, 1, 2]
+    Uk = U.unsqueeze(0).expand(n, n, C, 2).gather(2, k0_ij).squeeze(2)    # [n, n, 2]
     same = (U[:, 0].unsqueeze(1) * Uk).sum(-1)                            # [n, n] cos of the headings there
     start_on = (dst < 1.0) & (same > 0.7)                                 # [n, n]
     eye = torch.eye(n, dtype=torch.bool, device=dev)
     first, has = _first_true(near)                                        # [n, n]
     c = has & ~start_on & ~start_on.T & ~eye                              # [n, n]
     k = torch.arange(C, device=dev)                                       # [C]
-    wait = torch.where(clear & (k < first.unsqueeze(-1)), k, torch.full_like(clear, -1, dtype=torch.long)).amax(-1)  # [n, n]
+    none = torch.full_like(clear, -1, dtype=torch.long)                   # [n, n, C]
+    wait = torch.where(clear & (k < first.unsqueeze(-1)), k, none).amax(-1)  # [n, n]
     gone, more = _first_true(~near & (k > first.unsqueeze(-1)))           # [n, n]
     last = torch.where(more, gone - 1, (nv - 1).unsqueeze(1).expand(n, n))  # [n, n]
     Sx = S.unsqueeze(1).expand(n, n, C)                                   # [n, n, C]
     s_first = Sx.gather(2, first.unsqueeze(-1)).squeeze(-1)               # [n, n]
-    s_wait = torch.where(wait >= 0, Sx.gather(2, wait.clamp(min=0).unsqueeze(-1)).squeeze(-1), S[:, :1] - 1.0)  # [n, n]
+    s_wait = torch.where(wait >= 0, Sx.gather(2, wait.clamp(min=0).unsqueeze(-1)).squeeze(-1),
+                         S[:, :1] - 1.0)                                  # [n, n]
     s_out = torch.minimum(Sx.gather(2, last.clamp(min=0).unsqueeze(-1)).squeeze(-1), s_first + 8.0)
     h = max(1, round(15.0 / (stride * ds)))                               # coarse points in 15 m
     psi = torch.atan2(U[..., 1], U[..., 0]).unsqueeze(1).expand(n, n, C)  # [n, n, C]
     hi = torch.minimum(first + h, (nv - 1).unsqueeze(1))                  # [n, n]
     lo = (first - h).clamp(min=0)
-    tr = wrap_angle(psi.gather(2, hi.unsqueeze(-1)) - psi.gather(2, lo.unsqueeze(-1))).squeeze(-1).abs()  # [n, n]
+    tr = wrap_angle(psi.gather(2, hi.unsqueeze(-1))
+                    - psi.gather(2, lo.unsqueeze(-1))).squeeze(-1).abs()  # [n, n]
     ij = (real.view(-1, 1), real.view(1, -1))
     conf[ij], sc[ij], so[ij], turn[ij] = c, s_wait, s_out, tr
     return conf, sc, so, turn
@@ -223,6 +230,13 @@ def _scene_adjacency(rp, tang, n_pts, lane_mid, lane_dir, cfg: DriverConfig, ste
     return out
 
 
+# My K nearest agents seen from my route (step 1), all [B, A, K]: along-route distance ds, lateral
+# offset e (and e_soon, in 1 s), half extents along (hl) and across (hw) my route, the bumper-to-bumper
+# gap, the IDM braking term each imposes as my leader, oncoming, ok (present, inside my route window),
+# and their own v, s0, T, a_max, b (for them as my follower).
+_Neighbours = namedtuple("_Neighbours", "ds e hl hw e_soon gap term oncoming ok v s0 T a_max b")
+
+
 class HumanDriver:
     """The stochastic closed-loop driver of a batch of scenes (maybe [B*R] repeated scenes).
 
@@ -231,7 +245,8 @@ class HumanDriver:
 
     EXTEND = 60   # route points appended straight past each route's end: agents keep going off the map
 
-    def __init__(self, scenes: Scenes, cfg: DriverConfig = DriverConfig(), generator: torch.Generator | None = None):
+    def __init__(self, scenes: Scenes, cfg: DriverConfig = DriverConfig(),
+                 generator: torch.Generator | None = None):
         self.cfg, self.gen = cfg, generator
         dev = scenes.device
         self.B, self.A = scenes.B, scenes.A
@@ -246,6 +261,7 @@ class HumanDriver:
         self.steer_max, self.l_min = per_type(cfg.steer_max), per_type(cfg.preview_min)
         self.lat_acc = per_type(cfg.lat_accel)
         self.sig_a, self.sig_k = per_type(cfg.accel_noise), per_type(cfg.curv_noise)
+        self.half = 0.5 * self.W + torch.where(self.is_ped, 0.1, 0.3)      # [B, A] half lane band (+ margin)
 
         # ---- routes, extended straight past their end --------------------------------------
         rv = scenes.route_valid
@@ -258,19 +274,21 @@ class HumanDriver:
         k = torch.arange(P, device=dev).view(1, 1, P)                      # [1, 1, P]
         p_last = _along(r, last.unsqueeze(-1)).squeeze(2)                   # [B, A, 2]
         d_last = p_last - _along(r, (last - 1).unsqueeze(-1)).squeeze(2)    # [B, A, 2] last step, repeated
-        ext = p_last.unsqueeze(2) + (k - last.unsqueeze(-1)).clamp(min=0).unsqueeze(-1) * d_last.unsqueeze(2)  # [B, A, P, 2]
+        past = (k - last.unsqueeze(-1)).clamp(min=0).unsqueeze(-1)         # [B, A, P, 1] steps past the end
+        ext = p_last.unsqueeze(2) + past * d_last.unsqueeze(2)             # [B, A, P, 2]
         self.rp = torch.where((k <= last.unsqueeze(-1)).unsqueeze(-1), r, ext)  # [B, A, P, 2]
         seg = self.rp[:, :, 1:] - self.rp[:, :, :-1]                       # [B, A, P-1, 2]
         seg_len = seg.norm(dim=-1).clamp(min=1e-3)                         # [B, A, P-1]
         tang = seg / seg_len.unsqueeze(-1)                                 # [B, A, P-1, 2]
-        self.tang = torch.cat([tang, tang[:, :, -1:]], 2)                  # [B, A, P, 2] direction of segment k -> k+1
+        self.tang = torch.cat([tang, tang[:, :, -1:]], 2)                  # [B, A, P, 2] segment k -> k+1
         self.seg_len = torch.cat([seg_len, seg_len[:, :, -1:]], 2)         # [B, A, P]
-        self.rs = torch.cat([torch.zeros_like(seg_len[:, :, :1]), seg_len.cumsum(2)], 2)  # [B, A, P] arc length
+        self.rs = torch.cat([torch.zeros_like(seg_len[:, :, :1]), seg_len.cumsum(2)], 2)  # [B, A, P] arc len
         self.psi = torch.atan2(self.tang[..., 1], self.tang[..., 0])       # [B, A, P]
         dpsi = wrap_angle(self.psi[:, :, 1:] - self.psi[:, :, :-1]) / self.seg_len[:, :, 1:]  # [B, A, P-1]
         kap = torch.cat([torch.zeros_like(dpsi[:, :, :1]), dpsi], 2)       # [B, A, P] curvature at point k
         kernel = torch.full((1, 1, 5), 0.2, device=dev)
-        self.kap = torch.nn.functional.conv1d(kap.reshape(-1, 1, P), kernel, padding=2).view(self.B, self.A, P)  # [B, A, P]
+        kap = torch.nn.functional.conv1d(kap.reshape(-1, 1, P), kernel, padding=2)  # [B*A, 1, P]
+        self.kap = kap.view(self.B, self.A, P)                             # [B, A, P]
         self.n_pts = torch.where(self.has_route, n_pts, torch.zeros_like(n_pts))
 
         # ---- per scene: stop lines on each route, conflict zones, neighbouring lanes ----------
@@ -279,7 +297,8 @@ class HumanDriver:
         self.conf = torch.zeros(self.B, self.A, self.A, dtype=torch.bool, device=dev)  # [B, A, A]
         self.sc, self.so, self.turn = (torch.zeros(self.B, self.A, self.A, device=dev) for _ in range(3))
         self.adj_step = 8
-        self.adj = torch.zeros(self.B, self.A, (P + self.adj_step - 1) // self.adj_step, 2, device=dev)  # [B, A, C, 2]
+        C = (P + self.adj_step - 1) // self.adj_step
+        self.adj = torch.zeros(self.B, self.A, C, 2, device=dev)           # [B, A, C, 2]
         is_lane = (scenes.seg_type == LANE) & scenes.seg_valid             # [B, S]
         mid = 0.5 * (scenes.seg_start[..., :2] + scenes.seg_end[..., :2])  # [B, S, 2]
         sdir = scenes.seg_end[..., :2] - scenes.seg_start[..., :2]         # [B, S, 2]
@@ -304,17 +323,19 @@ class HumanDriver:
             veh = (self.is_veh[b] & self.has_route[b]).nonzero().squeeze(1)  # lane changes: vehicles only
             lane = is_lane[b]
             if veh.numel():
-                self.adj[b, veh] = _scene_adjacency(self.rp[b, veh], self.tang[b, veh], n_b[veh], mid[b][lane], sdir[b][lane],
-                                                    cfg, self.adj_step)
+                self.adj[b, veh] = _scene_adjacency(self.rp[b, veh], self.tang[b, veh], n_b[veh],
+                                                    mid[b][lane], sdir[b][lane], cfg, self.adj_step)
         # pedestrians pass each other on their own (the IDM band keeps them apart): no zones between them
         self.conf &= ~(self.is_ped.unsqueeze(2) & self.is_ped.unsqueeze(1))
         # static parts of the priority rule: pedestrians first, then routes without a stop line before
         # the zone, then the route that turns less; and the length my body needs to clear a zone
-        minor = (self.s_stop.unsqueeze(2) <= self.sc + 2.0) & (self.sc - self.s_stop.unsqueeze(2) < 40.0)  # [B, A, A]
+        stop_to_zone = self.sc - self.s_stop.unsqueeze(2)                  # [B, A, A]
+        minor = (self.s_stop.unsqueeze(2) <= self.sc + 2.0) & (stop_to_zone < 40.0)  # [B, A, A]
         rank = torch.where(self.is_ped.unsqueeze(2), 0, 1 + minor.long())  # [B, A, A]
         self.rank = 100.0 * rank + 10.0 * (self.turn > self.turn.transpose(1, 2) + 0.15).float()  # [B, A, A]
-        self.body = (self.so - self.sc).clamp(min=0.0) + 0.5 * self.L.unsqueeze(2)  # [B, A, A] centre: wait point -> rear clear
-        self.so_other = self.so.transpose(1, 2) + 0.5                      # [B, A, A] the other has cleared past this
+        # my centre's way from the waiting point until my rear is clear
+        self.body = (self.so - self.sc).clamp(min=0.0) + 0.5 * self.L.unsqueeze(2)  # [B, A, A]
+        self.so_other = self.so.transpose(1, 2) + 0.5                      # [B, A, A] the other cleared past
 
         lo, hi, step = cfg.window
         self.win = torch.arange(lo, hi + 1, step, device=dev)              # [W]
@@ -345,10 +366,13 @@ class HumanDriver:
         ln = _along(self.seg_len, j).squeeze(-1)                            # [B, A]
         rel = pos - a                                                      # [B, A, 2]
         t = (rel * u).sum(-1)                                              # [B, A]
-        t = torch.where(j.squeeze(-1) == 0, torch.minimum(t, ln), torch.minimum(t.clamp(min=0.0), ln))  # extrapolate before the start
+        # extrapolate before the route's start, clamp to the segment elsewhere
+        t = torch.where(j.squeeze(-1) == 0, torch.minimum(t, ln),
+                        torch.minimum(t.clamp(min=0.0), ln))               # [B, A]
         s = _along(self.rs, j).squeeze(-1) + t                              # [B, A]
         f = (t / ln).clamp(0.0, 1.0)
-        kap = (1 - f) * _along(self.kap, j).squeeze(-1) + f * _along(self.kap, (j + 1).clamp(max=P - 1)).squeeze(-1)
+        kap_next = _along(self.kap, (j + 1).clamp(max=P - 1)).squeeze(-1)  # [B, A]
+        kap = (1 - f) * _along(self.kap, j).squeeze(-1) + f * kap_next     # [B, A]
         return s, cross2(u, rel), _along(self.psi, j).squeeze(-1), kap, j.squeeze(-1)
 
     def _in_route_frame(self, q, yaw_q, j, s):
@@ -362,10 +386,11 @@ class HumanDriver:
         wu = torch.cat([wp[:, :, 1:] - wp[:, :, :-1], wp[:, :, -1:] - wp[:, :, -2:-1]], 2)  # [B, A, W, 2]
         wl = wu.norm(dim=-1).clamp(min=1e-3)                               # [B, A, W]
         wu = wu / wl.unsqueeze(-1)
-        m = torch.cdist(q.flatten(0, 1), wp.flatten(0, 1)).argmin(-1).view(B, A, K)  # [B, A, K] nearest window point
+        # the nearest window point
+        m = torch.cdist(q.flatten(0, 1), wp.flatten(0, 1)).argmin(-1).view(B, A, K)  # [B, A, K]
         behind = ((q - _along(wp, m)) * _along(wu, m)).sum(-1) < 0           # [B, A, K]
         m = (m - behind.long()).clamp(0, W - 1)                            # [B, A, K]
-        a, u, ln = _along(wp, m), _along(wu, m), _along(wl, m)                # [B, A, K, 2], [B, A, K, 2], [B, A, K]
+        a, u, ln = _along(wp, m), _along(wu, m), _along(wl, m)             # [B, A, K, 2], [.., 2], [B, A, K]
         rel = q - a                                                        # [B, A, K, 2]
         t_raw = (rel * u).sum(-1)                                          # [B, A, K]
         inside = ((m > 0) | (t_raw >= 0)) & ((m < W - 2) | (t_raw <= ln))
@@ -373,108 +398,115 @@ class HumanDriver:
         dpsi = wrap_angle(yaw_q - torch.atan2(u[..., 1], u[..., 0]))       # [B, A, K]
         return ds, cross2(u, rel), dpsi, inside
 
-    # ---- one decision ------------------------------------------------------------------------
-    def act(self, pos, yaw, speed, active, t: int = 0):
-        """One 0.1 s decision for every agent from the physical state: pos [B, A, 2], yaw, speed
-        [B, A], active [B, A] (agents present: obstacles and actors). t is the step index, unused:
-        the driver is Markov. -> accel, steer [B, A], zero for inactive agents and agents without a
-        route, for env.bicycle_step."""
-        cfg, dev = self.cfg, pos.device
-        B, A = pos.shape[:2]
-        if (B, A) != (self.B, self.A):
-            raise ValueError(f"HumanDriver.act: pos is [{B}, {A}, 2] but the driver was built for B={self.B}, A={self.A}")
-        v = speed.clamp(min=0.0)                                            # [B, A]
-        L, Wd = self.L, self.W
-        noise_a, noise_k, noise_g = self._randn((3, B, A), dev).unbind(0)  # [B, A] each
-        u_lc, u_side = self._rand((B, A), dev), self._rand((B, A), dev)
-        idm = lambda vl, g, s0: idm_term(v, vl, g, s0, self.T, self.a_max, self.b)  # [B, A]
-
-        # ---- 1. my route frame, my neighbours in it ------------------------------------------
-        s, e, psi_r, kap_r, j = self._project(pos)                         # [B, A]
-        theta = wrap_angle(yaw + torch.atan(0.5 * kap_r * L) - psi_r)      # [B, A] heading error (with slip)
-        pair_ok = active.unsqueeze(1) & active.unsqueeze(2) & ~torch.eye(A, dtype=torch.bool, device=dev)  # [B, A, A]
-        dist = torch.where(pair_ok, torch.cdist(pos, pos), torch.full_like(pair_ok, math.inf, dtype=pos.dtype))  # [B, A, A]
+    # ---- one decision, step by step (the numbers are the module docstring's) ----------------------
+    def _neighbours(self, pos, yaw, v, pair_ok, j, s) -> _Neighbours:
+        """Step 1: my K nearest agents projected onto a window of my route, their extents, gaps and
+        the IDM braking term each would impose as my leader."""
+        cfg, A = self.cfg, pos.shape[1]
+        inf = torch.full_like(pair_ok, math.inf, dtype=pos.dtype)          # [B, A, A]
+        dist = torch.where(pair_ok, torch.cdist(pos, pos), inf)             # [B, A, A]
         dk, nb = dist.topk(max(1, min(cfg.neighbours, A - 1)), dim=-1, largest=False)  # [B, A, K]
-        feats = torch.stack([pos[..., 0], pos[..., 1], yaw, L, Wd, v, self.s0, self.T, self.a_max, self.b], -1)  # [B, A, 10]
+        feats = torch.stack([pos[..., 0], pos[..., 1], yaw, self.L, self.W, v,
+                             self.s0, self.T, self.a_max, self.b], -1)      # [B, A, 10]
         xj, yj, yawj, Lj, Wj, vj, s0j, Tj, amaxj, bj = gather_rows(feats, nb).unbind(-1)  # [B, A, K] each
         ds, ej, dpsi, inside = self._in_route_frame(torch.stack([xj, yj], -1), yawj, j, s)  # [B, A, K]
-        nb_ok = torch.isfinite(dk) & inside
         cos_d, sin_d = dpsi.cos(), dpsi.sin()
-        hl = 0.5 * Lj * cos_d.abs() + 0.5 * Wj * sin_d.abs()              # [B, A, K] half extent along my route
-        hw = 0.5 * Lj * sin_d.abs() + 0.5 * Wj * cos_d.abs()              # [B, A, K] half extent across it
+        hl = 0.5 * Lj * cos_d.abs() + 0.5 * Wj * sin_d.abs()              # [B, A, K] half extent along
+        hw = 0.5 * Lj * sin_d.abs() + 0.5 * Wj * cos_d.abs()              # [B, A, K] half extent across
+        gap = ds - 0.5 * self.L.unsqueeze(-1) - hl                         # [B, A, K] bumper to bumper
+        term = idm_term(v.unsqueeze(-1), (vj * cos_d).clamp(min=0.0), gap, self.s0.unsqueeze(-1),
+                        self.T.unsqueeze(-1), self.a_max.unsqueeze(-1), self.b.unsqueeze(-1))  # [B, A, K]
         e_soon = ej + vj * sin_d * 1.0                                     # [B, A, K] lateral position in 1 s
-        gap = ds - 0.5 * L.unsqueeze(-1) - hl                              # [B, A, K] bumper to bumper
-        term_nb = idm_term(v.unsqueeze(-1), (vj * cos_d).clamp(min=0.0), gap, self.s0.unsqueeze(-1),
-                           self.T.unsqueeze(-1), self.a_max.unsqueeze(-1), self.b.unsqueeze(-1))  # [B, A, K]
-        oncoming = cos_d < -0.5
-        half = 0.5 * Wd + torch.where(self.is_ped, 0.1, 0.3)              # [B, A] half band: my width + margin
+        return _Neighbours(ds, ej, hl, hw, e_soon, gap, term, cos_d < -0.5, torch.isfinite(dk) & inside,
+                           vj, s0j, Tj, amaxj, bj)
 
-        def band(lo, hi):
-            """Neighbours overlapping the lateral band [lo, hi] of my route now [B, A, K], the
-            strongest IDM braking term from those ahead (now or in 1 s) [B, A], and whether one is
-            alongside [B, A]. Oncoming agents count only if they really overlap (people pass)."""
-            lo, hi = lo.unsqueeze(-1), hi.unsqueeze(-1)                    # [B, A, 1]
-            now = nb_ok & (ej + hw > lo) & (ej - hw < hi)                  # [B, A, K]
-            now &= ~oncoming | ((ej - 0.5 * (lo + hi)).abs() < hw + 0.5 * (hi - lo) - 0.3)
-            soon = nb_ok & (e_soon + hw > lo) & (e_soon - hw < hi) & (gap < 30.0) & ~oncoming
-            term = torch.where((ds > 0) & (now | soon), term_nb, torch.zeros_like(term_nb)).amax(-1)  # [B, A]
-            side = (now & (ds.abs() < 0.5 * L.unsqueeze(-1) + hl + 1.0)).any(-1)  # [B, A]
-            return now, term, side
+    def _band(self, nb: _Neighbours, lo, hi):
+        """Neighbours overlapping the lateral band [lo, hi] of my route now [B, A, K], the
+        strongest IDM braking term from those ahead (now or in 1 s) [B, A], and whether one is
+        alongside [B, A]. Oncoming agents count only if they really overlap (people pass)."""
+        lo, hi = lo.unsqueeze(-1), hi.unsqueeze(-1)                        # [B, A, 1]
+        now = nb.ok & (nb.e + nb.hw > lo) & (nb.e - nb.hw < hi)            # [B, A, K]
+        now &= ~nb.oncoming | ((nb.e - 0.5 * (lo + hi)).abs() < nb.hw + 0.5 * (hi - lo) - 0.3)
+        soon = nb.ok & (nb.e_soon + nb.hw > lo) & (nb.e_soon - nb.hw < hi) & (nb.gap < 30.0) & ~nb.oncoming
+        ahead = (nb.ds > 0) & (now | soon)                                 # [B, A, K]
+        term = torch.where(ahead, nb.term, torch.zeros_like(nb.term)).amax(-1)  # [B, A]
+        side = (now & (nb.ds.abs() < 0.5 * self.L.unsqueeze(-1) + nb.hl + 1.0)).any(-1)  # [B, A]
+        return now, term, side
 
-        # ---- 2. which lane: keep it, go on with a change, or start one --------------------------
+    def _current_lane(self, e, theta, v, j, ell):
+        """Step 5, from the pose: my lane's offset c_off [B, A], the lanes left and right of it (NaN
+        where none), the target e*: mine unless I lean towards a neighbour (a change in progress),
+        and whether I may start a new change."""
+        cfg = self.cfg
         adj = _along(self.adj, (j // self.adj_step).unsqueeze(-1)).squeeze(2)  # [B, A, 2]
         off_l, off_r = adj[..., 0], adj[..., 1]                            # [B, A]
         has_l, has_r = off_l > 0.5, off_r < -0.5
-        inf, nan = torch.full_like(e, math.inf), torch.full_like(e, math.nan)
-        lanes = torch.stack([torch.zeros_like(e), torch.where(has_l, off_l, inf), torch.where(has_r, off_r, inf)], -1)  # [B, A, 3]
-        cur = (lanes - e.unsqueeze(-1)).abs().argmin(-1)                   # [B, A] 0 route lane, 1 left, 2 right
+        inf, nan, zero = torch.full_like(e, math.inf), torch.full_like(e, math.nan), torch.zeros_like(e)
+        lanes = torch.stack([zero, torch.where(has_l, off_l, inf),
+                             torch.where(has_r, off_r, inf)], -1)          # [B, A, 3]
+        cur = (lanes - e.unsqueeze(-1)).abs().argmin(-1)                   # [B, A] 0 route, 1 left, 2 right
         c_off = lanes.gather(-1, cur.unsqueeze(-1)).squeeze(-1)            # [B, A]
-        left_of = torch.where(cur == 0, torch.where(has_l, off_l, nan), torch.where(cur == 2, torch.zeros_like(e), nan))
-        right_of = torch.where(cur == 0, torch.where(has_r, off_r, nan), torch.where(cur == 1, torch.zeros_like(e), nan))
-        ell = torch.maximum(self.l_min, v * cfg.preview_time)              # [B, A] lateral preview length
-        lean = 0.5 * cfg.lane_width * (v.clamp(min=1.0) * DT) / ell ** 2   # half the lean of one lane-change step
+        left_of = torch.where(cur == 0, torch.where(has_l, off_l, nan), torch.where(cur == 2, zero, nan))
+        right_of = torch.where(cur == 0, torch.where(has_r, off_r, nan), torch.where(cur == 1, zero, nan))
+        # half the lean that one step of a lane change produces
+        lean = 0.5 * cfg.lane_width * (v.clamp(min=1.0) * DT) / ell ** 2   # [B, A]
         can = self.is_veh & self.has_route & (v > 3.0)
         lean_l = can & (theta.sin() > lean) & (e - c_off > -0.1) & ~left_of.isnan()
         lean_r = can & (theta.sin() < -lean) & (e - c_off < 0.1) & ~right_of.isnan()
         target = torch.where(lean_l, left_of, torch.where(lean_r, right_of, c_off))  # [B, A]
-        _, term_cur, _ = band(torch.minimum(e, target) - half, torch.maximum(e, target) + half)
-        # maybe start a change towards a random side that has a lane
+        return target, c_off, left_of, right_of, can & ~lean_l & ~lean_r
+
+    def _lane_change(self, nb: _Neighbours, e, v, target, c_off, left_of, right_of, free, u_lc, u_side):
+        """Step 5, new changes: towards a random side with a lane, at a Poisson rate raised by a
+        MOBIL-like incentive (that lane is faster), if no new leader or follower must brake harder
+        than safe_decel. A change in progress gives up if someone is alongside. -> e* [B, A]."""
+        cfg, half = self.cfg, self.half
+        _, term_cur, _ = self._band(nb, torch.minimum(e, target) - half, torch.maximum(e, target) + half)
         go_left = u_side < 0.5
-        cand = torch.where(go_left, left_of, right_of)
+        cand = torch.where(go_left, left_of, right_of)                     # [B, A]
         cand = torch.where(cand.isnan(), torch.where(go_left, right_of, left_of), cand)  # [B, A]
-        maybe = can & ~lean_l & ~lean_r & ~cand.isnan()
+        maybe = free & ~cand.isnan()
         cand = torch.where(cand.isnan(), c_off, cand)
-        now_new, term_new, side_new = band(cand - half, cand + half)
-        g_f = -ds - 0.5 * L.unsqueeze(-1) - hl                             # [B, A, K] gap of a new follower behind me
-        f_term = idm_term(vj, v.unsqueeze(-1), g_f, s0j, Tj, amaxj, bj)    # [B, A, K]
-        f_ok = (~(now_new & (ds < 0)) | (amaxj * (1 - f_term) > -cfg.safe_decel)).all(-1)  # [B, A]
+        now_new, term_new, side_new = self._band(nb, cand - half, cand + half)
+        g_f = -nb.ds - 0.5 * self.L.unsqueeze(-1) - nb.hl                  # [B, A, K] gap to a new follower
+        f_term = idm_term(nb.v, v.unsqueeze(-1), g_f, nb.s0, nb.T, nb.a_max, nb.b)  # [B, A, K]
+        f_ok = (~(now_new & (nb.ds < 0)) | (nb.a_max * (1 - f_term) > -cfg.safe_decel)).all(-1)  # [B, A]
         safe = ~side_new & f_ok & (self.a_max * (1 - term_new) > -cfg.safe_decel)
         gain = self.a_max * (term_cur - term_new) > cfg.lane_change_incentive
-        rate = cfg.lane_change_rate + cfg.lane_change_gain * gain.float() + cfg.return_rate * (cand == 0).float()
+        rate = (cfg.lane_change_rate + cfg.lane_change_gain * gain.float()
+                + cfg.return_rate * (cand == 0).float())                   # [B, A]
         start = maybe & safe & (u_lc < 1 - torch.exp(-rate * DT))
         target = torch.where(start, cand, target)
-        _, _, side_tgt = band(target - half, target + half)                # a change in progress gives up
-        target = torch.where((target != c_off) & side_tgt & ~start, c_off, target)  # if someone is alongside
+        _, _, side_tgt = self._band(nb, target - half, target + half)
+        return torch.where((target != c_off) & side_tgt & ~start, c_off, target)
 
-        # ---- 3. car following in my lane band, curve speed ---------------------------------------
-        _, term, _ = band(torch.minimum(e, target) - half, torch.maximum(e, target) + half)  # [B, A]
+    def _curve_speed(self, s, j):
+        """Step 2, the desired speed capped by the curves ahead: v0 <= sqrt(a_lat / |kappa| + 2 b d)
+        over the route window ahead (braking in time for a curve d metres away) -> [B, A]."""
         P = self.rp.shape[2]
         widx = (j.unsqueeze(-1) + self.win[self.win >= 0]).clamp(0, P - 1)  # [B, A, W']
         w_ds = (_along(self.rs, widx) - s.unsqueeze(-1)).clamp(min=0.0)    # [B, A, W']
         v_curve = torch.sqrt(self.lat_acc.unsqueeze(-1) / _along(self.kap, widx).abs().clamp(min=1e-4)
-                             + 2 * self.b.unsqueeze(-1) * w_ds)            # [B, A, W'] brake in time for the curve
-        v0 = torch.minimum(self.v0, v_curve.amin(-1))                      # [B, A]
+                             + 2 * self.b.unsqueeze(-1) * w_ds)            # [B, A, W']
+        return torch.minimum(self.v0, v_curve.amin(-1))                    # [B, A]
 
-        # ---- 4. stop line: rolling stop, released once the front is within 1 m ----------------
-        stop_gap = torch.full_like(v, cfg.stop_gap)
-        d_stop = self.s_stop - s - 0.5 * L                                 # [B, A]
-        at_stop = torch.isfinite(d_stop) & (d_stop > 1.0) & (d_stop < cfg.horizon)
-        term = torch.where(at_stop, torch.maximum(term, idm(torch.zeros_like(v), d_stop, stop_gap)), term)
+    def _virtual_leader(self, v, gap):
+        """Step 2, the IDM braking term of a stopped virtual leader `gap` metres ahead [B, A]."""
+        stop_gap = torch.full_like(v, self.cfg.stop_gap)                   # [B, A]
+        return idm_term(v, torch.zeros_like(v), gap, stop_gap, self.T, self.a_max, self.b)
 
-        # ---- 5. gap acceptance at conflict zones (all pairs; i = me = dim 1, o = other = dim 2) ----
-        front = self.sc - s.unsqueeze(2)                                   # [B, A, A] my centre to my waiting point
-        front_o = front.transpose(1, 2)                                    # [B, A, A] the other's centre to its own
-        cleared_o = (s - 0.5 * L).unsqueeze(1) > self.so_other             # its rear is past its exit
+    def _stop_line(self, s):
+        """Step 2, rolling stop: is my stop line holding me (until my front is within 1 m), its gap."""
+        d_stop = self.s_stop - s - 0.5 * self.L                            # [B, A]
+        return torch.isfinite(d_stop) & (d_stop > 1.0) & (d_stop < self.cfg.horizon), d_stop
+
+    def _gap_acceptance(self, s, v, pair_ok, noise_g):
+        """Step 3 over all pairs (i = me = dim 1, o = other = dim 2): whether I must yield [B, A]
+        and the gap to the waiting point before my first conflict zone ahead [B, A]."""
+        cfg, A = self.cfg, s.shape[1]
+        front = self.sc - s.unsqueeze(2)                                   # [B, A, A] me to my wait point
+        front_o = front.transpose(1, 2)                                    # [B, A, A] the other's to its own
+        cleared_o = (s - 0.5 * self.L).unsqueeze(1) > self.so_other        # its rear is past its exit
         inside_o = (front_o < 0) & ~cleared_o
         committed = front < 0.5
         vi, vo = v.unsqueeze(2), v.unsqueeze(1)                            # [B, A, 1], [B, 1, A]
@@ -482,39 +514,86 @@ class HumanDriver:
         t_arr = front.clamp(min=0.0) / vi.clamp(min=0.5)                   # [B, A, A]
         score = 1000.0 * can_stop.float() + self.rank + t_arr.clamp(max=9.9)  # lower goes first
         score_o = score.transpose(1, 2)
-        idx = torch.arange(A, device=dev)
+        idx = torch.arange(A, device=s.device)
         first_o = (score_o < score) | ((score_o == score) & (idx.view(1, 1, A) < idx.view(1, A, 1)))
-        D = front.clamp(min=0.0) + self.body                               # [B, A, A] my body through the zone
+        D = front.clamp(min=0.0) + self.body                               # [B, A, A] my way through the zone
         t_clear = D / torch.maximum(vi, torch.sqrt(0.5 * self.a_max.unsqueeze(2) * D)).clamp(min=0.5)
         t_o = torch.where(inside_o, torch.zeros_like(front_o), front_o.clamp(min=0.0) / vo.clamp(min=0.5))
         # the zone is shared in time unless the other arrives after I clear it (plus my accepted
-        # gap) or clears it before I arrive
-        g_crit = (self.T + cfg.critical_gap + cfg.gap_noise * noise_g).clamp(min=0.5).unsqueeze(2)  # [B, A, 1] s
+        # gap g_crit, in s) or clears it before I arrive
+        g_crit = (self.T + cfg.critical_gap + cfg.gap_noise * noise_g).clamp(min=0.5)[..., None]  # [B, A, 1]
         gap_ok = (t_o > t_clear + g_crit) | (t_clear.transpose(1, 2) + 1.0 < t_arr)
-        # a zone matters once it is close: within decision_time at my speed, or my comfortable stopping distance
-        reach = torch.maximum(vi * cfg.decision_time, vi ** 2 / self.b.unsqueeze(2) + 10.0).clamp(max=cfg.horizon)  # [B, A, 1]
+        # a zone matters once within decision_time at my speed, or my comfortable stopping distance
+        reach = torch.maximum(vi * cfg.decision_time,
+                              vi ** 2 / self.b.unsqueeze(2) + 10.0).clamp(max=cfg.horizon)  # [B, A, 1]
         live = self.conf & pair_ok & ~cleared_o & ~committed & (front < reach) & (front_o < cfg.horizon)
         must_yield = (live & (inside_o | (first_o & ~gap_ok))).any(-1)     # [B, A]
-        first_zone = torch.where(self.conf & pair_ok & ~committed, front, torch.full_like(front, math.inf)).amin(-1)  # [B, A]
+        ahead = self.conf & pair_ok & ~committed                           # [B, A, A]
+        first_zone = torch.where(ahead, front, torch.full_like(front, math.inf)).amin(-1)  # [B, A]
         g_yield = first_zone - cfg.yield_margin                            # stop before my first zone ahead
-        wait = must_yield & torch.isfinite(g_yield)
-        term = torch.where(wait, torch.maximum(term, idm(torch.zeros_like(v), g_yield, stop_gap)), term)
+        return must_yield & torch.isfinite(g_yield), g_yield
 
-        # ---- 6. IDM acceleration ------------------------------------------------------------------
+    def _idm_accel(self, v, v0, term, noise_a):
+        """Steps 2 and 6: the IDM acceleration from the free-road part and the strongest braking
+        term, plus white noise, within [a_min, 3] m/s^2 -> [B, A]."""
         free = self.a_max * (1 - (v / v0) ** 4)                            # [B, A]
         # no overshoot of v0 within a step (a parked agent stays parked), no harsh braking above it
         free = torch.where(v < v0, torch.minimum(free, (v0 - v) / DT),
                            torch.maximum(free, torch.maximum(-self.b, (v0 - v) / DT)))
-        accel = free - self.a_max * term + self.sig_a * noise_a * v.clamp(max=1.0)
-        accel = torch.maximum(torch.minimum(accel, torch.full_like(accel, 3.0)), self.a_min)
+        accel = free - self.a_max * term + self.sig_a * noise_a * v.clamp(max=1.0)  # [B, A]
+        return torch.maximum(torch.minimum(accel, torch.full_like(accel, 3.0)), self.a_min)
 
-        # ---- 7. steering: curvature feedforward + damped feedback to the target lane -----------
-        de = (e - target).clamp(-cfg.lane_width, cfg.lane_width)
-        kappa = kap_r - de / ell ** 2 - 2 * cfg.damping * theta.sin() / ell + self.sig_k * noise_k * (v > 0.3).float()
-        x = (kappa * L).clamp(-1.9, 1.9)
-        steer = torch.atan(x / torch.sqrt(1 - x ** 2 / 4))                 # inverts kappa = cos(beta) tan(delta) / L
-        steer = torch.maximum(torch.minimum(steer, self.steer_max), -self.steer_max)
+    def _steer(self, e, target, theta, kap_r, ell, v, noise_k):
+        """Steps 4 and 6: curvature feedforward + critically damped feedback to the target lane,
+        plus white noise, inverted to the bicycle's steering angle within +-steer_max -> [B, A]."""
+        cfg = self.cfg
+        de = (e - target).clamp(-cfg.lane_width, cfg.lane_width)           # [B, A]
+        noise = self.sig_k * noise_k * (v > 0.3).float()                   # [B, A]
+        kappa = kap_r - de / ell ** 2 - 2 * cfg.damping * theta.sin() / ell + noise  # [B, A]
+        x = (kappa * self.L).clamp(-1.9, 1.9)                              # [B, A]
+        steer = torch.atan(x / torch.sqrt(1 - x ** 2 / 4))  # [B, A] inverts kappa = cos(beta) tan(delta) / L
+        return torch.maximum(torch.minimum(steer, self.steer_max), -self.steer_max)
 
+    def act(self, pos, yaw, speed, active, t: int = 0):
+        """One 0.1 s decision for every agent from the physical state: pos [B, A, 2], yaw, speed
+        [B, A], active [B, A] (agents present: obstacles and actors). t is the step index, unused:
+        the driver is Markov. -> accel, steer [B, A], zero for inactive agents and agents without a
+        route, for env.bicycle_step.
+
+        The module docstring's steps, in order: my route frame and my neighbours in it (1); which
+        lane: keep it, go on with a change, or start one (5); car following in my lane band and the
+        curve speed (2); the stop line (2); gap acceptance at conflict zones (3); the IDM
+        acceleration (2, 6); the steering (4, 6)."""
+        B, A = pos.shape[:2]
+        if (B, A) != (self.B, self.A):
+            raise ValueError(f"HumanDriver.act: pos is [{B}, {A}, 2] but the driver was built for "
+                             f"B={self.B}, A={self.A}")
+        dev = pos.device
+        v = speed.clamp(min=0.0)                                            # [B, A]
+        # all the step's randomness, drawn first and in this order: a seed fixes every decision
+        noise_a, noise_k, noise_g = self._randn((3, B, A), dev).unbind(0)  # [B, A] each
+        u_lc, u_side = self._rand((B, A), dev), self._rand((B, A), dev)    # [B, A] each
+
+        s, e, psi_r, kap_r, j = self._project(pos)                         # [B, A]
+        theta = wrap_angle(yaw + torch.atan(0.5 * kap_r * self.L) - psi_r)  # [B, A] heading error (with slip)
+        eye = torch.eye(A, dtype=torch.bool, device=dev)                   # [A, A]
+        pair_ok = active.unsqueeze(1) & active.unsqueeze(2) & ~eye         # [B, A, A]
+        nb = self._neighbours(pos, yaw, v, pair_ok, j, s)
+
+        ell = torch.maximum(self.l_min, v * self.cfg.preview_time)         # [B, A] lateral preview length
+        target, c_off, left_of, right_of, free = self._current_lane(e, theta, v, j, ell)
+        target = self._lane_change(nb, e, v, target, c_off, left_of, right_of, free, u_lc, u_side)
+
+        _, term, _ = self._band(nb, torch.minimum(e, target) - self.half,
+                                torch.maximum(e, target) + self.half)      # [B, A]
+        v0 = self._curve_speed(s, j)                                        # [B, A]
+        at_stop, d_stop = self._stop_line(s)
+        term = torch.where(at_stop, torch.maximum(term, self._virtual_leader(v, d_stop)), term)
+        wait, g_yield = self._gap_acceptance(s, v, pair_ok, noise_g)
+        term = torch.where(wait, torch.maximum(term, self._virtual_leader(v, g_yield)), term)
+
+        accel = self._idm_accel(v, v0, term, noise_a)                       # [B, A]
+        steer = self._steer(e, target, theta, kap_r, ell, v, noise_k)       # [B, A]
         go = active & self.has_route
         zero = torch.zeros_like(accel)
         return torch.where(go, accel, zero), torch.where(go, steer, zero)

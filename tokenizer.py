@@ -75,10 +75,12 @@ ARC_RANGE = ((30.0, 1.0, 6.0), (3.0, 3.0, 3.0), (12.0, 1.5, 4.0))
 class TokenizerConfig:
     K: int = 200                                  # tokens per agent type (id 0 is standing still)
     steps_per_token: int = 2                      # 0.1 s steps per token: 2 (SPACeR, 5 Hz) or 5 (SMART, 2 Hz)
-    tol: tuple | None = None                      # k-disks corner tolerance (m) per type (vehicle, ped, cyclist); None: auto_tol
+    # k-disks corner tolerance (m) per type (vehicle, ped, cyclist); None: auto_tol
+    tol: tuple | None = None
     max_segments: int = 50_000                    # logged segments sampled per type for fitting
-    jitter: tuple = (0.015, 0.01)                 # std (m, rad) per step of token length of the fitting copies' start-pose perturbation
-    envelope: int = 8                             # tokens per type taken from plausible arcs beyond the logs' reach
+    # std (m, rad), per step of token length, of the start-pose perturbation of the fitting copies
+    jitter: tuple = (0.015, 0.01)
+    envelope: int = 8                             # tokens per type from plausible arcs beyond the logs
     refine_iters: int = 5                         # Lloyd (k-means) steps after k-disks; 0 = k-disks alone
     seed: int = 0                                 # seeds segment sampling and the k-disks picks
 
@@ -93,7 +95,8 @@ def corners_at(pose: torch.Tensor, lw: torch.Tensor) -> torch.Tensor:
     """Corners of boxes at poses: pose [..., 3], lw [..., 2] (length, width) broadcastable -> [..., 4, 2],
     in the order front-left, front-right, rear-right, rear-left. The order is the one the
     vocabularies were fitted with: corner_distance sums in it, and another order rounds differently."""
-    return box_corners(pose[..., :2], pose[..., 2], lw[..., 0], lw[..., 1])[..., _CORNER_ORDER, :]  # [..., 4, 2]
+    corners = box_corners(pose[..., :2], pose[..., 2], lw[..., 0], lw[..., 1])  # [..., 4, 2]
+    return corners[..., _CORNER_ORDER, :]                                # [..., 4, 2]
 
 
 def corner_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -227,7 +230,8 @@ def farthest_fill(tokens: torch.Tensor, pool: torch.Tensor, n: int, lw: torch.Te
     return torch.cat([tokens, torch.stack(added)]) if added else tokens
 
 
-def lloyd_refine(tokens: torch.Tensor, segments: torch.Tensor, lw: torch.Tensor, iters: int, fixed_tail: int) -> torch.Tensor:
+def lloyd_refine(tokens: torch.Tensor, segments: torch.Tensor, lw: torch.Tensor, iters: int,
+                 fixed_tail: int) -> torch.Tensor:
     """A few k-means (Lloyd) steps on the end corners (8 numbers per segment, squared Euclidean,
     which ranks tokens almost as the mean corner distance does): each token becomes the mean of
     the segments nearest to it, i.e. of what rolling matching will assign to it. Token 0 stays
@@ -245,7 +249,8 @@ def lloyd_refine(tokens: torch.Tensor, segments: torch.Tensor, lw: torch.Tensor,
         xy = torch.zeros(K, *segments.shape[1:-1], 2).index_add_(0, near, segments[..., :2])  # [K, spt, 2]
         sin = torch.zeros(K, segments.shape[1]).index_add_(0, near, segments[..., 2].sin())  # [K, spt]
         cos = torch.zeros(K, segments.shape[1]).index_add_(0, near, segments[..., 2].cos())  # [K, spt]
-        mean = torch.cat([xy / count.clamp(min=1)[:, None, None], torch.atan2(sin, cos)[..., None]], -1)  # [K, spt, 3]
+        mean = torch.cat([xy / count.clamp(min=1)[:, None, None],
+                          torch.atan2(sin, cos)[..., None]], -1)           # [K, spt, 3]
         tokens = torch.where((movable & (count > 0))[:, None, None], mean, tokens)
     return tokens
 
@@ -324,10 +329,11 @@ class MotionTokenizer:
         if not 0 <= cfg.envelope < cfg.K:
             raise ValueError(f"TokenizerConfig.envelope={cfg.envelope} must be in [0, K={cfg.K})")
         if cfg.tol is not None and len(cfg.tol) != 3:
-            raise ValueError(f"TokenizerConfig.tol must give 3 tolerances (vehicle, pedestrian, cyclist) or None, got {cfg.tol}")
+            raise ValueError(f"TokenizerConfig.tol must give 3 tolerances (vehicle, pedestrian, cyclist) "
+                             f"or None, got {cfg.tol}")
         win, kind = log_windows(scenes.to("cpu"), cfg.steps_per_token)      # [M, spt + 1, 3], [M]
         with one_thread():
-            fitted = [fit_type(win[kind == c], c, cfg) for c in range(3)]   # (tokens [K, spt, 3], tol) per type
+            fitted = [fit_type(win[kind == c], c, cfg) for c in range(3)]   # ([K, spt, 3], tol) per type
         table = torch.stack([tokens for tokens, _ in fitted])               # [3, K, spt, 3]
         return cls(table.to(scenes.device), cfg, tuple(tol for _, tol in fitted))
 
@@ -352,7 +358,8 @@ class MotionTokenizer:
         end = self.table[:, :, -1][agent_type.clamp(0, 2)]                  # [..., K, 3]
         cand = apply_local(pose, end)                                       # [..., K, 3] K plays P
         lw = box_lw(agent_type)                                             # [..., 2]
-        d = corner_distance(corners_at(cand, lw[..., None, :]), corners_at(target, lw)[..., None, :, :])  # [..., K]
+        d = corner_distance(corners_at(cand, lw[..., None, :]),
+                            corners_at(target, lw)[..., None, :, :])       # [..., K]
         return d.argmin(-1)
 
     @torch.no_grad()
@@ -388,7 +395,8 @@ class MotionTokenizer:
         return {"table": self.table.detach().cpu(), "cfg": asdict(self.cfg), "tol_used": self.tol_used}
 
     @classmethod
-    def from_state_dict(cls, d: dict, K: int | None = None, steps_per_token: int | None = None) -> "MotionTokenizer":
+    def from_state_dict(cls, d: dict, K: int | None = None,
+                        steps_per_token: int | None = None) -> "MotionTokenizer":
         if "table" not in d or "cfg" not in d:
             raise ValueError(f"tokenizer state_dict needs keys 'table' and 'cfg', got {sorted(d)}")
         tol = d["cfg"].get("tol")
@@ -467,7 +475,8 @@ def load_source(source: str, n: int) -> tuple:
     if source == "womd":
         root = find_womd_examples()
         if root is None:
-            raise SystemExit("no WOMD example scenes found: set WOMD_EXAMPLES or add ../shared/data/womd_examples")
+            raise SystemExit("no WOMD example scenes found: set WOMD_EXAMPLES or add "
+                             "../shared/data/womd_examples")
         womd = load_womd_dir(root)
         return womd, womd
     if source == "toy":
@@ -485,8 +494,10 @@ def main():
     args = p.parse_args()
     fit_on, evaluate_on = load_source(args.source, args.n)
     same = "the same scenes" if fit_on is evaluate_on else f"{evaluate_on.B} held-out scenes"
-    print(f"{args.source}: fitted on {fit_on.B} scenes, evaluated on {same}; errors over every valid covered step\n")
-    print("| K | spt | type | pos mean (m) | pos p95 (m) | yaw mean (rad) | future first 2 s / last 2 s (m) | tol (m) | fit (s) |")
+    print(f"{args.source}: fitted on {fit_on.B} scenes, evaluated on {same}; "
+          f"errors over every valid covered step\n")
+    print("| K | spt | type | pos mean (m) | pos p95 (m) | yaw mean (rad) "
+          "| future first 2 s / last 2 s (m) | tol (m) | fit (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for spt in args.spt:
         for K in args.K:
@@ -495,8 +506,9 @@ def main():
             fit_s = time.perf_counter() - t0
             for name, r in reconstruction_error(tok, evaluate_on).items():
                 tol = tok.tol_used[AGENT_TYPES.index(name)]
-                print(f"| {K} | {spt} | {name} | {r['pos_mean']:.4f} | {r['pos_p95']:.4f} | {r['yaw_mean']:.4f} "
-                      f"| {r['early_future']:.4f} / {r['late_future']:.4f} | {tol:.3f} | {fit_s:.1f} |")
+                print(f"| {K} | {spt} | {name} | {r['pos_mean']:.4f} | {r['pos_p95']:.4f} "
+                      f"| {r['yaw_mean']:.4f} | {r['early_future']:.4f} / {r['late_future']:.4f} "
+                      f"| {tol:.3f} | {fit_s:.1f} |")
 
 
 if __name__ == "__main__":

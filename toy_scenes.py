@@ -208,7 +208,8 @@ def _toy_curve(rng, w, sw, cfg):
     a, sg = L - 0.5 * R * abs(th), np.sign(th)
     arc = _arc([0.0, sg * R], R, -sg * np.pi / 2, -sg * np.pi / 2 + th)  # [P, 2] from the origin
     end = arc[-1] + a * np.array([np.cos(th), np.sin(th)])
-    ref = _resample(np.concatenate([_line([-a, 0.0], [0.0, 0.0]), arc[1:], _line(arc[-1], end)[1:]]), 0.5)  # [P, 2]
+    ref = np.concatenate([_line([-a, 0.0], [0.0, 0.0]), arc[1:], _line(arc[-1], end)[1:]])  # [P, 2]
+    ref = _resample(ref, 0.5)                                             # [P, 2]
     _corridor(lay, ref, 2, w, sw, cfg, s_cw=rng.uniform(0.3, 0.8) * a if rng.random() < 0.7 else None)
     return lay
 
@@ -226,7 +227,7 @@ def _junction(rng, phis, w, sw, cfg, stop_arms):
     K = len(phis)
     u = [np.array([np.cos(p), np.sin(p)]) for p in phis]                 # K x [2] out along the arm
     n = [np.array([-np.sin(p), np.cos(p)]) for p in phis]                # K x [2] its left
-    s0, corners = [-np.inf] * K, []                                       # where each arm's straight edges begin
+    s0, corners = [-np.inf] * K, []                                       # where each arm's edges begin
     for k in range(K):
         k2 = (k + 1) % K
         dphi = (phis[k2] - phis[k]) % (2 * np.pi)
@@ -259,7 +260,8 @@ def _junction(rng, phis, w, sw, cfg, stop_arms):
         s_lane.append(s_cw + 0.5 * cw + 1.5)
         lay["map"].append((_crosswalk(s_cw * u[k], u[k], 0.5 * cw, nl * w + 0.5), CROSSWALK, 18))
         if k in stop_arms:                                                # across the incoming lane
-            stop = np.stack([s_lane[k] * u[k] + 0.2 * n[k], s_lane[k] * u[k] + (nl * w - 0.2) * n[k]])  # [2, 2]
+            stop = np.stack([s_lane[k] * u[k] + 0.2 * n[k],
+                             s_lane[k] * u[k] + (nl * w - 0.2) * n[k]])  # [2, 2]
             lay["map"].append((stop, OTHER, 17))
         if cfg.road_lines:
             lay["map"].append((_line(s_lane[k] * u[k], L * u[k]), ROAD_LINE, 12))
@@ -299,7 +301,8 @@ def _toy_merge(rng, w, sw, cfg):
     route; a second edge runs round the gore between the ramp and the main road."""
     lay, L = _new_layout(), cfg.arm_length
     for k in range(2):
-        east, west = _line([-L, -(k + 0.5) * w], [L, -(k + 0.5) * w]), _line([L, (k + 0.5) * w], [-L, (k + 0.5) * w])
+        east = _line([-L, -(k + 0.5) * w], [L, -(k + 0.5) * w])           # [P, 2]
+        west = _line([L, (k + 0.5) * w], [-L, (k + 0.5) * w])             # [P, 2]
         lay["map"] += [(east, LANE, SURFACE_STREET_LANE), (west, LANE, SURFACE_STREET_LANE)]
         _add_vehicle_route(lay, east, (3.0, 0.9 * L))
         _add_vehicle_route(lay, west, (3.0, 0.9 * L))
@@ -308,22 +311,25 @@ def _toy_merge(rng, w, sw, cfg):
     arc = _arc([xa, ya - R], R, np.pi / 2 + alpha, np.pi / 2)            # [P, 2] bends to heading east
     feed = arc[0] - (arc[0][0] + L) / np.cos(alpha) * np.array([np.cos(alpha), np.sin(alpha)])
     tx = np.linspace(0, 1, 61)[:, None]                                   # [61, 1]
-    tap = np.concatenate([xb + taper * tx, ya + w * (1 - np.cos(np.pi * tx)) / 2], 1)  # [61, 2] S-shaped taper
-    ramp = _resample(np.concatenate([_line(feed, arc[0]), arc[1:], _line([xa, ya], [xb, ya])[1:], tap[1:]]), 0.5)
+    tap = np.concatenate([xb + taper * tx, ya + w * (1 - np.cos(np.pi * tx)) / 2], 1)  # [61, 2] S-shaped
+    ramp = np.concatenate([_line(feed, arc[0]), arc[1:], _line([xa, ya], [xb, ya])[1:], tap[1:]])  # [P, 2]
+    ramp = _resample(ramp, 0.5)                                           # [P, 2]
     full = np.concatenate([ramp, _line(tap[-1], [L, -1.5 * w])[1:]])     # [P, 2] ramp, then the outer lane
     lay["map"].append((ramp, LANE, SURFACE_STREET_LANE))
     _add_vehicle_route(lay, full, (3.0, _arclen(ramp)[_nearest(ramp, np.array([xa, ya]))] - 10.0), weight=2.0)
     south = _offset(_resample(full, 0.5), -(0.5 * w + sw))                # [P, 2]
     ye = -(2 * w + sw)                                                    # main road's south edge
     ramp_left = _offset(ramp, 0.5 * w + sw)                               # [P, 2]
-    i = int(np.argmax(ramp_left[:, 1] >= ye))                             # where the two edges meet: the gore tip
-    X = ramp_left[i - 1] + (ye - ramp_left[i - 1, 1]) / (ramp_left[i, 1] - ramp_left[i - 1, 1]) * (ramp_left[i] - ramp_left[i - 1])
+    i = int(np.argmax(ramp_left[:, 1] >= ye))                             # the edges meet: the gore tip
+    r0, r1 = ramp_left[i - 1], ramp_left[i]                               # [2] each, across ye
+    X = r0 + (ye - r0[1]) / (r1[1] - r0[1]) * (r1 - r0)                   # [2]
     gore = np.concatenate([_line([-L, ye], X), ramp_left[:i][::-1]])      # [P, 2]
     north = _line([L, 2 * w + sw], [-L, 2 * w + sw])
     lay["map"] += [(south, ROAD_EDGE, EDGE_CODE), (gore, ROAD_EDGE, EDGE_CODE), (north, ROAD_EDGE, EDGE_CODE)]
     if cfg.road_lines:
         lay["map"] += [(_line([-L, 0.0], [L, 0.0]), ROAD_LINE, 12), (_line([-L, w], [L, w]), ROAD_LINE, 6),
-                       (_line([-L, -w], [L, -w]), ROAD_LINE, 6), (_line([xa, -2 * w], [xb, -2 * w]), ROAD_LINE, 6)]
+                       (_line([-L, -w], [L, -w]), ROAD_LINE, 6),
+                       (_line([xa, -2 * w], [xb, -2 * w]), ROAD_LINE, 6)]
     walk_s = _offset(south, 0.5 * sw)                                     # [P, 2]
     for wk in (_offset(north, 0.5 * sw), walk_s[walk_s[:, 0] > xb + taper + 5.0],
                _offset(_line([-L, ye], [X[0] - 15.0, ye]), 0.5 * sw)):
@@ -348,13 +354,15 @@ def _toy_style(rng, typ, speed, cfg):
     """Box size [3] and driver style [4] (v0, T, s0, b) of a new agent of type typ."""
     if typ == 0:
         return ([rng.uniform(4.0, 5.2), rng.uniform(1.8, 2.1), 1.5],
-                [rng.uniform(*cfg.vehicle_speed) * speed, rng.uniform(*cfg.headway), rng.uniform(*cfg.min_gap),
-                 rng.uniform(*cfg.comfort_decel)])
+                [rng.uniform(*cfg.vehicle_speed) * speed, rng.uniform(*cfg.headway),
+                 rng.uniform(*cfg.min_gap), rng.uniform(*cfg.comfort_decel)])
     if typ == 1:
         d = rng.uniform(0.7, 0.9)
-        return [d, d, 1.7], [rng.uniform(*cfg.pedestrian_speed), rng.uniform(0.6, 1.0), rng.uniform(0.4, 0.7), rng.uniform(1.0, 2.0)]
+        return [d, d, 1.7], [rng.uniform(*cfg.pedestrian_speed), rng.uniform(0.6, 1.0),
+                             rng.uniform(0.4, 0.7), rng.uniform(1.0, 2.0)]
     return ([rng.uniform(1.7, 1.9), rng.uniform(0.6, 0.8), 1.7],
-            [rng.uniform(*cfg.cyclist_speed), rng.uniform(*cfg.headway), rng.uniform(1.0, 2.0), rng.uniform(1.5, 2.5)])
+            [rng.uniform(*cfg.cyclist_speed), rng.uniform(*cfg.headway),
+             rng.uniform(1.0, 2.0), rng.uniform(1.5, 2.5)])
 
 
 def _toy_agents(rng, lay, cfg, place):
@@ -394,14 +402,16 @@ def _toy_agents(rng, lay, cfg, place):
             same_lane = across < 0.5 * (size[1] + S[:, 1]) + 0.8
             headway = 0.5 * (size[0] + S[:, 0]) + 2.0 + np.maximum(v, V)  # [n] 1 s at the faster speed
             diag = 0.5 * (np.hypot(size[0], size[1]) + np.hypot(S[:, 0], S[:, 1])) + 1.0  # [n]
-            free = ~(same_lane & (along <= headway)).any(1) & ~(np.hypot(d[..., 0], d[..., 1]) <= diag).any(1)  # [C]
+            overlap = (np.hypot(d[..., 0], d[..., 1]) <= diag).any(1)    # [C]
+            free = ~(same_lane & (along <= headway)).any(1) & ~overlap    # [C]
             if free.any():
                 r, s, p, yaw = cand[int(np.argmax(free))]
                 route, sl = built[typ, r]
                 route = route[sl >= s - 10.0]                             # [P, 2] from 10 m behind the start
-                short = reach + 20.0 - (sl[-1] - s)                       # the lane ends too soon: go on straight
+                short = reach + 20.0 - (sl[-1] - s)                       # lane ends too soon: go straight
                 if short > 0:
-                    ext = route[-1] + _unit(route[-1] - route[-2]) * np.linspace(1.0, short, int(short) + 1)[:, None]
+                    steps = np.linspace(1.0, short, int(short) + 1)[:, None]  # [E, 1] m past the end
+                    ext = route[-1] + _unit(route[-1] - route[-2]) * steps  # [E, 2]
                     route = np.concatenate([route, ext])                  # [P', 2]
                 agents.append(dict(pos=p, yaw=yaw, speed=v, size=size, type=typ, style=style,
                                    route=_resample(route, cfg.route_step)))
@@ -422,7 +432,8 @@ def _toy_scene(seed: int, index: int, attempt: int, cfg: ToyConfig):
     agents = _toy_agents(rng, lay, cfg, lambda r, typ: (_offset(r, -0.6) if typ == 1 else r) @ Rm.T)
     polys = [_resample(p @ Rm.T, cfg.seg_len) for p, _, _ in lay["map"]]
     polys = [np.concatenate([p, np.zeros((len(p), 1))], 1) for p in polys]  # [P, 3], z = 0
-    return name, agents, polylines_to_segments(polys, [t for _, t, _ in lay["map"]], [c for _, _, c in lay["map"]])
+    types, codes = [t for _, t, _ in lay["map"]], [c for _, _, c in lay["map"]]
+    return name, agents, polylines_to_segments(polys, types, codes)
 
 
 def _drive(batch: Scenes, pos, yaw, speed, cfg: ToyConfig, gen: torch.Generator):
@@ -430,7 +441,8 @@ def _drive(batch: Scenes, pos, yaw, speed, cfg: ToyConfig, gen: torch.Generator)
     unrecorded steps, then T recorded ones. -> pos [B, A, T, 2], yaw [B, A, T] and the WOMD-style
     velocity vel[t] = (pos[t] - pos[t-1]) / DT [B, A, T, 2] (step -1 is the last burn-in step)."""
     if cfg.burn_in < 1:
-        raise ValueError(f"ToyConfig.burn_in must be >= 1 (step -1 gives the velocity of step 0), got {cfg.burn_in}")
+        raise ValueError(f"ToyConfig.burn_in must be >= 1 (step -1 gives the velocity of step 0), "
+                         f"got {cfg.burn_in}")
     drv = HumanDriver(batch, generator=gen)
     active, L = batch.valid[:, :, 0], batch.size[..., 0]                 # [B, A]
     out_pos = pos.new_zeros(*active.shape, T + 1, 2)                     # [B, A, T+1, 2] steps -1..90
@@ -451,11 +463,13 @@ def toy_log_failures(scenes: Scenes, chunk: int = 64) -> torch.Tensor:
     are closer than their half diagonals can collide; a box whose centre is inside by more than its
     half diagonal is inside; the rest get the exact box test against the 24 road-edge segments
     nearest to them (re-picked every 5 steps, as env.py does)."""
-    bad = ~(torch.isfinite(scenes.pos).flatten(1).all(1) & torch.isfinite(scenes.yaw).flatten(1).all(1))  # [B]
+    finite = torch.isfinite(scenes.pos).flatten(1).all(1)                # [B]
+    bad = ~(finite & torch.isfinite(scenes.yaw).flatten(1).all(1))       # [B]
     edges = road_edge_table(scenes)                                    # [B, E, ...]
     K = 5                                                                 # steps per pool of edges
     Tp = (T + K - 1) // K * K
-    padT = lambda x: torch.cat([x, x[:, :, -1:].expand(*x.shape[:2], Tp - T, *x.shape[3:])], 2)  # [b, A, Tp, ...]
+    # [b, A, T, ...] -> [b, A, Tp, ...], the last step repeated
+    padT = lambda x: torch.cat([x, x[:, :, -1:].expand(*x.shape[:2], Tp - T, *x.shape[3:])], 2)
     for b0 in range(0, scenes.B, chunk):
         sc = scenes.select(slice(b0, b0 + chunk))
         b, A, N = sc.B, sc.A, Tp // K
@@ -468,7 +482,8 @@ def toy_log_failures(scenes: Scenes, chunk: int = 64) -> torch.Tensor:
         two = lambda x: torch.stack([x[bi, i], x[bi, j]], 1)              # [M, 2, ...]
         d = object_distance_matrix(torch.stack([sc.pos[bi, i, ti], sc.pos[bi, j, ti]], 1),
                                       torch.stack([sc.yaw[bi, i, ti], sc.yaw[bi, j, ti]], 1),
-                                      two(sc.size[..., 0]), two(sc.size[..., 1]), torch.ones_like(two(sc.valid[..., 0])))
+                                      two(sc.size[..., 0]), two(sc.size[..., 1]),
+                                      torch.ones_like(two(sc.valid[..., 0])))
         bad[b0 + bi[d[:, 0, 1] < 0]] = True
         # off-road boxes
         e = {k: v[b0:b0 + chunk] for k, v in edges.items()}               # [b, E, ...]
@@ -477,9 +492,11 @@ def toy_log_failures(scenes: Scenes, chunk: int = 64) -> torch.Tensor:
         mid = 0.5 * (e["a"][..., :2] + e["b"][..., :2])                   # [b, E, 2]
         mid = torch.where(e["valid"].unsqueeze(-1), mid, torch.full_like(mid, 1e6))
         p = padT(sc.pos).view(b, A, N, K, 2)                              # [b, A, N, K, 2]
-        pick = torch.cdist(p.mean(3).flatten(1, 2), mid).topk(min(24, mid.shape[1]), dim=-1, largest=False).indices  # [b, A*N, C]
+        d_mid = torch.cdist(p.mean(3).flatten(1, 2), mid)                 # [b, A*N, E]
+        pick = d_mid.topk(min(24, mid.shape[1]), dim=-1, largest=False).indices  # [b, A*N, C]
         bidx = torch.arange(b).view(b, 1, 1)                              # [b, 1, 1]
-        cand = {k: v[bidx, pick].view(b, A, N, pick.shape[-1], *v.shape[2:]) for k, v in e.items()}  # [b, A, N, C, ...]
+        C = pick.shape[-1]
+        cand = {k: v[bidx, pick].view(b, A, N, C, *v.shape[2:]) for k, v in e.items()}  # [b, A, N, C, ...]
         zb = padT(sc.z - 0.5 * sc.size[..., 2:3]).view(b, A, N, K, 1)     # [b, A, N, K, 1]
         r_c = signed_distance_to_edges(torch.cat([p, zb], -1), cand)   # [b, A, N, K] box centres
         near = (r_c > -(hd.view(b, A, 1, 1) + 0.2)) & padT(sc.valid).view(b, A, N, K)  # [b, A, N, K]
@@ -502,7 +519,8 @@ def _toy_batch(seed: int, indices: list, attempt: int, cfg: ToyConfig) -> Scenes
         for k, g in enumerate(agents):
             route[k, :len(g["route"])], rvalid[k, :len(g["route"])] = g["route"], True
         start = np.array([[*g["pos"], g["yaw"], g["speed"]] for g in agents], np.float32)  # [A, 4]
-        ag = dict(pos=np.zeros((nA, T, 2)), z=np.zeros((nA, T)), yaw=np.zeros((nA, T)), vel=np.zeros((nA, T, 2)),
+        ag = dict(pos=np.zeros((nA, T, 2)), z=np.zeros((nA, T)), yaw=np.zeros((nA, T)),
+                  vel=np.zeros((nA, T, 2)),
                   valid=np.ones((nA, T), bool), size=np.array([g["size"] for g in agents]),
                   agent_type=np.array([g["type"] for g in agents]), controlled=np.ones(nA, bool),
                   eval_mask=np.ones(nA, bool))
@@ -526,7 +544,8 @@ def _toy_batch(seed: int, indices: list, attempt: int, cfg: ToyConfig) -> Scenes
     sv = batch.seg_valid.unsqueeze(-1)                                    # [B, S, 1]
     batch.seg_start = torch.where(sv, batch.seg_start - c3, batch.seg_start)
     batch.seg_end = torch.where(sv, batch.seg_end - c3, batch.seg_end)
-    batch.route = torch.where(batch.route_valid.unsqueeze(-1), batch.route - centre.view(B, 1, 1, 2), batch.route)
+    batch.route = torch.where(batch.route_valid.unsqueeze(-1), batch.route - centre.view(B, 1, 1, 2),
+                              batch.route)                                # [B, A, P, 2]
     return batch
 
 
@@ -551,7 +570,8 @@ def make_toy_scenes(n: int, seed: int, cfg: ToyConfig = ToyConfig()) -> Scenes:
         if not todo:
             make_toy_scenes.last_rejections = rejected
             return collate(done)
-    raise RuntimeError(f"make_toy_scenes: scenes {todo[:5]} (seed {seed}) still fail after {cfg.max_attempts} attempts")
+    raise RuntimeError(f"make_toy_scenes: scenes {todo[:5]} (seed {seed}) still fail after "
+                       f"{cfg.max_attempts} attempts")
 
 
 make_toy_scenes.last_rejections = 0
@@ -563,7 +583,8 @@ def toy_dataset(split: str, n: int, seed: int = 0, cache_dir="data", cfg: ToyCon
     if split not in _TOY_SPLITS:
         raise ValueError(f"toy_dataset: split must be one of {_TOY_SPLITS}, got {split!r}")
     # the logs also depend on the driver's defaults, so DriverConfig is part of the key
-    key = hashlib.sha1(repr((TOY_VERSION, sorted(dataclasses.asdict(cfg).items()), DriverConfig())).encode()).hexdigest()[:8]
+    spec = repr((TOY_VERSION, sorted(dataclasses.asdict(cfg).items()), DriverConfig()))
+    key = hashlib.sha1(spec.encode()).hexdigest()[:8]
     path = Path(cache_dir) / f"toy_{split}_n{n}_s{seed}_{key}.pt"
     if path.exists():
         return load_scenes(path)

@@ -18,7 +18,8 @@ def toy():
 
 
 def drive(scenes, seed, start=NOW, steps=T - 1 - NOW, active=None):
-    """Closed-loop driver rollout from the log at `start`: pos [B, A, steps+1, 2], yaw, speed [B, A, steps+1]."""
+    """Closed-loop driver rollout from the log at `start`: pos [B, A, steps+1, 2], yaw, speed
+    [B, A, steps+1]."""
     drv = HumanDriver(scenes, generator=torch.Generator().manual_seed(seed))
     pos, yaw = scenes.pos[:, :, start].clone(), scenes.yaw[:, :, start].clone()
     speed = scenes.vel[:, :, start].norm(dim=-1)
@@ -64,9 +65,11 @@ def straight_scene(agents, lane_ys=(0.0,)):
     yaw = np.array([a["yaw"] for a in agents])                             # [A]
     vel = np.stack([np.cos(yaw), np.sin(yaw)], 1) * np.array([a["speed"] for a in agents])[:, None]  # [A, 2]
     ag = dict(pos=np.repeat(pos[:, None], T, 1), z=np.zeros((A, T)), yaw=np.repeat(yaw[:, None], T, 1),
-              vel=np.repeat(vel[:, None], T, 1), valid=np.ones((A, T), bool), size=np.array([a["size"] for a in agents]),
-              agent_type=np.array([a["type"] for a in agents]), controlled=np.ones(A, bool), eval_mask=np.ones(A, bool))
-    return scene_from_numpy("hand", ag, segs, route=route, route_valid=rv, style=np.array([a["style"] for a in agents]))
+              vel=np.repeat(vel[:, None], T, 1), valid=np.ones((A, T), bool),
+              size=np.array([a["size"] for a in agents]), agent_type=np.array([a["type"] for a in agents]),
+              controlled=np.ones(A, bool), eval_mask=np.ones(A, bool))
+    style = np.array([a["style"] for a in agents])                         # [A, 4]
+    return scene_from_numpy("hand", ag, segs, route=route, route_valid=rv, style=style)
 
 
 def line(a, b, step=1.0):
@@ -80,8 +83,10 @@ PED = dict(size=[0.8, 0.8, 1.7], type=1)
 
 def test_idm_follower_stops_behind_a_stopped_leader():
     route = line((-60.0, 0.0), (200.0, 0.0))
-    leader = dict(CAR, route=route, pos=np.array([50.0, 0.0]), yaw=0.0, speed=0.0, style=[0.01, 1.5, 2.0, 2.0])
-    follower = dict(CAR, route=route, pos=np.array([-40.0, 0.0]), yaw=0.0, speed=12.0, style=[12.0, 1.5, 2.0, 2.0])
+    leader = dict(CAR, route=route, pos=np.array([50.0, 0.0]), yaw=0.0, speed=0.0,
+                  style=[0.01, 1.5, 2.0, 2.0])
+    follower = dict(CAR, route=route, pos=np.array([-40.0, 0.0]), yaw=0.0, speed=12.0,
+                    style=[12.0, 1.5, 2.0, 2.0])
     sc = straight_scene([leader, follower])
     pos, yaw, speed = drive(sc, seed=0, steps=200)
     gap = pos[0, 0, :, 0] - pos[0, 1, :, 0] - 4.5                         # bumper to bumper
@@ -95,13 +100,14 @@ def crossing(ped_wait_x, car_start_x, car_speed):
     """A pedestrian about to cross a one-lane road at x = 0 from y = -5, and a car coming along x."""
     ped_route = np.concatenate([line((ped_wait_x, -5.0), (0.0, -5.0))[:-1], line((0.0, -5.0), (0.0, 8.0)),
                                 line((0.0, 8.0), (10.0, 8.0))[1:]])
-    ped = dict(PED, route=ped_route, pos=np.array([ped_wait_x + 1.0, -5.0]), yaw=0.0, speed=1.3, style=[1.3, 0.8, 0.5, 1.5])
-    car = dict(CAR, route=line((car_start_x - 10.0, 0.0), (150.0, 0.0)), pos=np.array([car_start_x, 0.0]), yaw=0.0,
-               speed=car_speed, style=[car_speed, 1.5, 2.0, 2.5])
+    ped = dict(PED, route=ped_route, pos=np.array([ped_wait_x + 1.0, -5.0]), yaw=0.0, speed=1.3,
+               style=[1.3, 0.8, 0.5, 1.5])
+    car = dict(CAR, route=line((car_start_x - 10.0, 0.0), (150.0, 0.0)), pos=np.array([car_start_x, 0.0]),
+               yaw=0.0, speed=car_speed, style=[car_speed, 1.5, 2.0, 2.5])
     sc = straight_scene([ped, car])
     pos, yaw, speed = drive(sc, seed=0, steps=150)
-    ped_in_lane = (pos[0, 0, :, 1].abs() < 2.0).nonzero()[:, 0]           # steps the pedestrian is in the lane
-    car_past = (pos[0, 1, :, 0] > 4.0).nonzero()[:, 0]                    # steps the car's rear has passed x = 0 ... roughly
+    ped_in_lane = (pos[0, 0, :, 1].abs() < 2.0).nonzero()[:, 0]           # steps the pedestrian is in lane
+    car_past = (pos[0, 1, :, 0] > 4.0).nonzero()[:, 0]                    # steps the car's rear is past x = 0
     return pos, yaw, speed, sc, ped_in_lane, car_past
 
 
@@ -127,13 +133,13 @@ def test_vehicle_changes_lane_to_pass_a_slow_cyclist():
     # two eastbound lanes, y = 0 (the car's route) and y = 3.6; a cyclist at 4 m/s 30 m ahead
     route = line((-60.0, 0.0), (300.0, 0.0))
     car = dict(CAR, route=route, pos=np.array([-30.0, 0.0]), yaw=0.0, speed=10.0, style=[12.0, 1.2, 2.0, 2.0])
-    bike = dict(size=[1.8, 0.7, 1.7], type=2, route=route - np.array([0.0, 0.5]), pos=np.array([0.0, -0.5]), yaw=0.0,
-                speed=4.0, style=[4.0, 1.5, 1.5, 2.0])
+    bike = dict(size=[1.8, 0.7, 1.7], type=2, route=route - np.array([0.0, 0.5]), pos=np.array([0.0, -0.5]),
+                yaw=0.0, speed=4.0, style=[4.0, 1.5, 1.5, 2.0])
     runs = straight_scene([car, bike], lane_ys=(0.0, 3.6)).repeat(8)      # 8 noise samples
     pos, yaw, speed = drive(runs, seed=0, steps=150)
-    y = pos[:, 0, :, 1]                                                   # [8, steps] the car's lateral position
+    y = pos[:, 0, :, 1]                                                   # [8, steps] the car's lateral pos
     changed = y.amax(-1) > 3.0
-    assert changed.sum() >= 6                                             # most runs overtake through the left lane
+    assert changed.sum() >= 6                                             # most overtake in the left lane
     assert (pos[:, 0, -1, 0] > pos[:, 1, -1, 0] + 5.0).sum() >= 5         # and pass the cyclist within 15 s
     assert (y.amax(-1) < 4.5).all() and (y.amin(-1) > -1.0).all()         # never beyond the two lanes
     assert (min_box_distance(runs, pos, yaw) > 0.3).all()

@@ -55,7 +55,8 @@ def synthetic_scene(seed: int, n_per_type=(24, 12, 8)):
     poses = np.where(valid[..., None], poses, 0.0)
     sizes = np.array([[4.5, 1.9, 1.5], [0.8, 0.8, 1.8], [1.9, 0.8, 1.8]])[kinds]  # [A, 3]
     agents = dict(pos=poses[..., :2], z=np.zeros((A, T)), yaw=poses[..., 2], vel=np.zeros((A, T, 2)),
-                  valid=valid, size=sizes, agent_type=kinds, controlled=valid[:, NOW], eval_mask=valid[:, NOW])
+                  valid=valid, size=sizes, agent_type=kinds, controlled=valid[:, NOW],
+                  eval_mask=valid[:, NOW])
     empty = dict(seg_start=np.zeros((0, 3)), seg_end=np.zeros((0, 3)), **{k: np.zeros(0, np.int64) for k in
                  ("seg_type", "seg_code", "seg_poly", "seg_prev", "seg_next")})
     return scene_from_numpy(f"synthetic{seed}", agents, empty)
@@ -106,7 +107,8 @@ def test_rolling_matching_does_not_drift_unlike_open_loop(tok, train):
                             for n in range(tok.N)], -1)             # [1, A, N]
     full = scenes.valid.all(-1) & (scenes.agent_type == 0)          # [1, A] always-valid vehicles
     start = log[:, :, 0]                                            # [1, A, 3]
-    end_err = lambda ids: (tok.decode(start, ids, scenes.agent_type)[:, :, -1, :2] - log[:, :, -1, :2]).norm(dim=-1)[full]
+    end_err = lambda ids: (tok.decode(start, ids, scenes.agent_type)[:, :, -1, :2]
+                           - log[:, :, -1, :2]).norm(dim=-1)[full]
     rolling, open_loop = end_err(enc["ids"]), end_err(open_ids)     # [A']
     assert rolling.max() < 0.3                                      # after 9 s
     assert rolling.mean() < 0.2 * open_loop.mean()
@@ -194,7 +196,8 @@ def test_spt5(train, test_scenes):
     assert tok5.table.shape == (3, 200, 5, 3) and tok5.N == 18 and tok5.n0 == 2
     enc = tok5.encode(test_scenes)
     assert enc["ids"].shape == (2, test_scenes.A, 18) and enc["pose"].shape == (2, test_scenes.A, 19, 3)
-    assert tok5.decode(enc["pose"][:, :, 0], enc["ids"], test_scenes.agent_type).shape == (2, test_scenes.A, 90, 3)
+    decoded = tok5.decode(enc["pose"][:, :, 0], enc["ids"], test_scenes.agent_type)
+    assert decoded.shape == (2, test_scenes.A, 90, 3)
     v = reconstruction_error(tok5, train)["vehicle"]  # 0.5 s tokens are coarser (SMART uses 2048 of them)
     assert v["pos_mean"] < 0.2 and v["late_future"] < 2 * v["early_future"] + 0.05
 
@@ -243,7 +246,8 @@ def test_real_womd_scenes():
         pytest.skip("WOMD example scenes not found (set WOMD_EXAMPLES or add ../shared/data/womd_examples)")
     womd = load_womd_dir(find_womd_examples())
     for spt in (2, 5):
-        tok = MotionTokenizer.fit(womd, TokenizerConfig(K=200, steps_per_token=spt))  # fitted on the same scenes
+        # fitted on the same scenes
+        tok = MotionTokenizer.fit(womd, TokenizerConfig(K=200, steps_per_token=spt))
         r = reconstruction_error(tok, womd)
         assert r["vehicle"]["pos_mean"] < 0.05 and r["vehicle"]["pos_p95"] < 0.15
         assert r["pedestrian"]["pos_mean"] < 0.05

@@ -33,14 +33,15 @@ def test_contract_and_layouts(toy):
     assert toy.size.shape == (B, A, 3) and toy.style.shape == (B, A, 4) and toy.route.shape[:2] == (B, A)
     assert A <= 32 and toy.z.abs().max() == 0
     real = toy.valid[:, :, NOW]                                           # [B, A]
-    assert torch.equal(toy.valid, real.unsqueeze(-1).expand(-1, -1, T))  # valid for all 91 steps, padding never
+    assert torch.equal(toy.valid, real.unsqueeze(-1).expand(-1, -1, T))  # all 91 steps valid, padding never
     assert torch.equal(toy.controlled, real) and torch.equal(toy.eval_mask, real)
     assert torch.allclose(toy.goal[real], toy.pos[:, :, -1][real])
     counts = [int((toy.agent_type[real] == k).sum()) for k in range(3)]
     assert counts[0] > 0.5 * sum(counts) and counts[1] > 0 and counts[2] > 0   # mixed, mostly vehicles
     assert real.sum(1).min() >= 5
     # velocity is the backward difference of position (WOMD convention)
-    assert torch.allclose(toy.vel[:, :, 1:][real], ((toy.pos[:, :, 1:] - toy.pos[:, :, :-1]) / 0.1)[real], atol=1e-3)
+    backward = (toy.pos[:, :, 1:] - toy.pos[:, :, :-1]) / 0.1                # [B, A, T-1, 2]
+    assert torch.allclose(toy.vel[:, :, 1:][real], backward[real], atol=1e-3)
     # routes: a valid prefix at ~1 m spacing starting near the agent; styles are positive
     rv = toy.route_valid[real]                                            # [N, P]
     assert torch.equal(rv, rv.cumsum(1) == torch.arange(1, rv.shape[1] + 1))
@@ -53,7 +54,8 @@ def test_contract_and_layouts(toy):
     assert seg.max() < 2.01 and seg.median() > 1.0
     has = lambda k: ((toy.seg_type == k) & toy.seg_valid).any(1)           # [B]
     assert has(LANE).all() and has(ROAD_EDGE).all()
-    assert all(has(CROSSWALK)[b] for b, s in enumerate(toy.scene_id) if s.split("-")[1] in ("straight", "fourway", "tjunction"))
+    assert all(has(CROSSWALK)[b] for b, s in enumerate(toy.scene_id)
+               if s.split("-")[1] in ("straight", "fourway", "tjunction"))
 
 
 def test_logs_have_no_collision_offroad_or_nan(toy):
@@ -63,8 +65,9 @@ def test_logs_have_no_collision_offroad_or_nan(toy):
     assert (min_box_distance(toy, toy.pos, toy.yaw)[toy.valid[:, :, 0]] > 0).all()
     table = geometry.road_edge_table(toy)
     for b in range(toy.B):
-        d = geometry.box_road_edge_distance(toy.pos[b], toy.z[b], toy.yaw[b], toy.size[b].unsqueeze(1).expand(-1, T, 3),
-                                      {k: v[b] for k, v in table.items()})        # [A, T]
+        size = toy.size[b].unsqueeze(1).expand(-1, T, 3)                   # [A, T, 3]
+        d = geometry.box_road_edge_distance(toy.pos[b], toy.z[b], toy.yaw[b], size,
+                                            {k: v[b] for k, v in table.items()})  # [A, T]
         assert (d[toy.valid[b]] < 0).all(), toy.scene_id[b]
 
 
@@ -91,8 +94,10 @@ def test_road_edges_have_the_road_on_their_left(toy):
         right = torch.stack([d[:, 1], -d[:, 0]], -1)                       # [E, 2] away from the road
         mid = 0.5 * (a + bb)[:, :2]                                        # [E, 2]
         z = torch.zeros(len(a), 1)
-        assert (geometry.signed_distance_to_edges(torch.cat([mid - 0.5 * right, z], -1), e) < 0).all(), toy.scene_id[b]
-        assert (geometry.signed_distance_to_edges(torch.cat([mid + 0.5 * right, z], -1), e) > 0).float().mean() > 0.97
+        inner = geometry.signed_distance_to_edges(torch.cat([mid - 0.5 * right, z], -1), e)  # [E]
+        outer = geometry.signed_distance_to_edges(torch.cat([mid + 0.5 * right, z], -1), e)  # [E]
+        assert (inner < 0).all(), toy.scene_id[b]
+        assert (outer > 0).float().mean() > 0.97
         # 5 m beyond the outer edge (the one furthest from the scene's middle) is off-road
         far = (mid + 5.0 * right)[(mid + 5.0 * right).norm(dim=-1).argmax()]  # [2]
         assert geometry.signed_distance_to_edges(torch.cat([far, torch.zeros(1)]).unsqueeze(0), e)[0] > 4.0

@@ -112,12 +112,6 @@ class R1Config:
     seed: int = 0                 # seeds scene order and rollout sampling
 
 
-def quick_config() -> R1Config:
-    """Tiny sizes for smoke runs (about a minute on 2 cores); N = 1 matches the quick reference."""
-    return R1Config(M=4, groups=1, grpo_groups=4, scenes_per_step=2, rft_steps=3, tau_scenes=2, save_every=1,
-                    sft_epochs=1, eval_R=4, lr=1e-4)
-
-
 def check_config(cfg: R1Config) -> None:
     if cfg.advantage not in ADVANTAGES:
         raise ValueError(f"R1Config.advantage must be one of {ADVANTAGES}, got {cfg.advantage!r}")

@@ -1,8 +1,10 @@
 """The one entry point: python train.py --stage reference|spacer|r1|eval|all
 
-Each stage is a plain function `stage_<name>(args)` that reads like its paper's algorithm:
-data, model, loop, log. Every stage writes checkpoints atomically, keeps a JSON log, continues
-with --resume (and does nothing when its work is complete), and prints where its files went.
+Each stage is a plain function `stage_<name>(args)` that reads like its paper's algorithm: data,
+model, loop, save. The presets (every stage's configuration and what --quick changes) sit at the
+top; `open_run` does the resume bookkeeping of every stage. Every stage writes checkpoints
+atomically, keeps a JSON log, continues with --resume (and does nothing when its work is complete),
+and prints where its files went.
 
 reference  The centralized next-token reference model (reference_model.py) on toy scenes: fit
            the motion tokenizer on the training split, behaviour cloning (BC), then CAT-K
@@ -17,23 +19,34 @@ eval       Every checkpoint under runs/ on the same held-out toy and real WOMD s
            (evaluate.py): runs/eval/results.{md,json} and pictures.
 all        reference, spacer (PPO, HR-PPO, SPACeR), r1 and eval in order, resuming what exists.
 
-    python train.py --stage all                    # the main job (about 80 min on 2 CPU cores)
-    python train.py --stage all --quick            # a smoke run of the whole pipeline (~5 min)
+    python train.py --stage all                    # the main job (README: stage times)
+    python train.py --stage all --quick            # a smoke run of the whole pipeline
     python train.py --stage reference --resume     # continue from the last saved epoch
+    python train.py --stage reference --overwrite  # start over where an earlier run's files are
+
+Nothing lost, nothing silent. A fresh run over a folder that holds an earlier run's files stops
+and names --resume and --overwrite; with --overwrite the earlier files are removed only when the
+new run writes its first file, so a run that fails before doing any work leaves them as they
+were. Flags are checked when parsed (a bad value names its flag, before any work or folder). A
+non-finite loss or gradient stops training with the stage, step and term, and no checkpoint
+with a non-finite tensor is ever written, so the last good one survives for --resume.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import itertools
 import json
 import math
-import os
+import re
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from tqdm import tqdm
 
 import evaluate as E
@@ -41,11 +54,14 @@ import ppo_anchor as PA
 import r1_finetune as R1
 import reference_model as RM
 import scenes as S
-from scenes import DT, NOW, T, Scenes
+from scenes import Scenes
 from tokenizer import MotionTokenizer, TokenizerConfig
 from toy_scenes import toy_dataset
 
 
+# --------------------------------------------------------------------------------------------
+# Presets: every stage's configuration and what --quick changes, in one place
+# --------------------------------------------------------------------------------------------
 @dataclass
 class ReferenceStageConfig:
     # data
@@ -86,31 +102,241 @@ class ReferenceStageConfig:
 
 
 def quick_config() -> ReferenceStageConfig:
-    """Tiny sizes for smoke tests and CI (about a minute on 2 cores)."""
+    """--quick for the reference stage: tiny sizes for smoke tests and CI."""
     return ReferenceStageConfig(n_train=24, n_val=8, n_test=4, K=64, D=32, heads=2, layers=1, window=4,
                                 map_neighbours=8, agent_neighbours=4, bc_epochs=2, catk_epochs=1,
                                 batch_size=8, eval_R=4, lr=3e-3, catk_lr=3e-4)
 
 
-def model_config(cfg: ReferenceStageConfig) -> RM.ReferenceConfig:
-    return RM.ReferenceConfig(K=cfg.K, steps_per_token=cfg.steps_per_token, D=cfg.D, heads=cfg.heads,
-                              layers=cfg.layers, dropout=cfg.dropout, window=cfg.window,
-                              map_neighbours=cfg.map_neighbours, agent_neighbours=cfg.agent_neighbours)
+# the spacer stage: ppo_anchor.SpacerConfig (its defaults are the full run) and --quick's changes
+SPACER_QUICK = dict(num_worlds=4, iterations=3, minibatch_size=512, eval_rollouts=4, eval_batch=4,
+                    bc_scenes=8, bc_epochs=2, save_every=1)
+SPACER_QUICK_TEST = 4             # --quick scores this many held-out test scenes
+# the r1 stage: r1_finetune.R1Config (its defaults are the full run) and --quick's changes
+R1_QUICK = dict(M=4, groups=1, grpo_groups=4, scenes_per_step=2, rft_steps=3, tau_scenes=2, save_every=1,
+                sft_epochs=1, eval_R=4, lr=1e-4)
+# the eval stage: evaluate.run_eval's arguments under --quick
+EVAL_QUICK = dict(R=4, n_test=4)
+
+
+def r1_schedule(cfg: R1.R1Config, n_train: int) -> dict:
+    """CAT-K epochs of SMART-R1's SFT sub-stages, the paper's split (r1_finetune.schedule): SFT-1 =
+    N epochs from BC, SFT-2 = N after RFT, the SFT-SFT control = SFT-1 + N (2N in both arms), and
+    with --variants the trajectory-matched control (SFT-1 + RFT's trajectories + N)."""
+    return R1.schedule(cfg, n_train)
+
+
+# --------------------------------------------------------------------------------------------
+# Flags: every value checked when parsed, the error naming the flag
+# --------------------------------------------------------------------------------------------
+def number(cast, low: float, strict: bool = False):
+    """An argparse type: a finite number >= low (> low when strict)."""
+    def parse(text: str):
+        try:
+            x = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if cast is int else 'a number'}")
+        if not math.isfinite(x) or x < low or (strict and x == low):
+            bound = f"{'>' if strict else '>='} {low}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+        return x
+    return parse
+
+
+def device_flag(name: str) -> str:
+    """An argparse type: auto, cpu, or cuda / cuda:N when that CUDA device exists."""
+    if name in ("auto", "cpu"):
+        return name
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a device this project runs on; "
+                                         "use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name}: no CUDA device is available; use auto or cpu")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{name}: there are {torch.cuda.device_count()} CUDA device(s), "
+                                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return name
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
+    p.add_argument("--stage", required=True, choices=(*ORDER, "all"),
+                   help="reference | spacer | r1 | eval | all")
+    p.add_argument("--device", default="auto", type=device_flag,
+                   help="auto (CUDA when present) | cpu | cuda[:N]")
+    p.add_argument("--runs", default="runs", help="folder for checkpoints and logs")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue an interrupted run from its last save")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start over where an earlier run's files are (removed at the first write)")
+    p.add_argument("--seed", type=number(int, 0), default=0)
+    p.add_argument("--quick", action="store_true", help="tiny sizes for smoke tests")
+    p.add_argument("--anchor", default="spacer", choices=PA.ANCHORS, help="spacer stage: which anchoring")
+    p.add_argument("--alpha", type=number(float, 0.0), default=None,
+                   help="spacer stage: likelihood-reward weight (ablations)")
+    p.add_argument("--beta", type=number(float, 0.0), default=None,
+                   help="spacer stage: KL-to-reference weight (ablations)")
+    p.add_argument("--iterations", type=number(int, 1), default=None,
+                   help="spacer stage: PPO iterations (default: config, also with --quick)")
+    p.add_argument("--hidden", type=number(int, 1), default=None,
+                   help="spacer stage: the policy's fused hidden width (default: config)")
+    p.add_argument("--variants", action="store_true",
+                   help="r1 stage: also RFT with GRPO-style and no-KL advantages")
+    p.add_argument("--rft-lr", type=number(float, 0.0, strict=True), default=None,
+                   help="r1 stage: RFT learning rate (default: config); writes runs/r1/seed<S>_lr<LR>")
+    args = p.parse_args(argv)
+    if args.stage == "all" and not args.overwrite:
+        args.resume = True                 # the main job picks up whatever an earlier run finished
+    anchored = any(getattr(args, k) not in (None, 0.0) for k in ("alpha", "beta"))
+    if anchored and (args.stage == "all" or args.stage == "spacer" and args.anchor != "spacer"):
+        p.error("--alpha / --beta weight the reference anchors: only for --stage spacer --anchor spacer")
+    return args
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA device is available")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"--device {name!r}: not a device; use auto, cpu or cuda") from None
+    return torch.device(name)
 
 
 # --------------------------------------------------------------------------------------------
-# Data: toy splits, trimming padded batches
+# Run folders: resume bookkeeping, finite checks, the one way a stage writes
+# --------------------------------------------------------------------------------------------
+RUN_FILES = ("*.pt", "log.json")           # what a stage writes into its run folder
+
+
+def check_finite(value, what: str) -> None:
+    """Raise FloatingPointError naming `what` (and the entry inside it) when a tensor or a float in
+    `value` (or in the dicts, lists and tuples it holds) is NaN or infinite."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, f"{what}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_finite(v, f"{what}[{i}]")
+    elif isinstance(value, torch.Tensor) and value.is_floating_point():
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise FloatingPointError(f"{what} is not finite ({value.item() if value.numel() == 1 else bad})")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise FloatingPointError(f"{what} is not finite ({value})")
+
+
+def check_gradients(stage: str, steps, optimizer, args, kwargs) -> None:
+    """An optimizer step pre-hook: the gradients' norm must be finite (one NaN gradient makes every
+    weight NaN, and clip_grad_norm_ passes a NaN norm on without a word)."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if grads:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))  # []
+        check_finite(norm, f"{stage}: optimizer step {next(steps)} of this run: the gradient norm")
+
+
+@contextlib.contextmanager
+def finite_steps(stage: str):
+    """Check the gradients before every optimizer step taken inside: train_phase's, and those that
+    ppo_anchor (PPO, HR-PPO's teacher) and r1_finetune (RFT) take in their own loops."""
+    hook = register_optimizer_step_pre_hook(functools.partial(check_gradients, stage, itertools.count(1)))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+@dataclass
+class Run:
+    """A stage's run folder: its log (log.json, kept in memory and written whole) and the one way a
+    stage writes there."""
+    stage: str                    # e.g. "reference", "spacer/ppo", "r1/seed0": names the run in messages
+    dir: Path
+    log: dict
+    resumed: bool                 # --resume found saved work: its checkpoints are continued
+    stale: list = field(default_factory=list)  # an earlier run's files, removed at this run's first write
+    writer: bool = True           # False on every process but rank 0 when several train together
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "log.json"
+
+    def checkpoint(self, name: str, device="cpu") -> dict | None:
+        """The saved checkpoint `name` to continue, or None (a fresh run never reads an earlier run's)."""
+        path = self.dir / name
+        if not (self.resumed and path.is_file()):
+            return None
+        return torch.load(path, map_location=device, weights_only=True)
+
+    def clear_stale(self) -> None:
+        for path in self.stale:
+            path.unlink(missing_ok=True)
+        self.stale = []
+
+    def write_log(self) -> None:
+        if self.writer:
+            self.clear_stale()
+            E.write_json(self.log_path, self.log)
+
+    def save(self, path: Path, write, **states) -> None:
+        """Write a checkpoint with write(path) (an atomic save) once every tensor in `states` is
+        finite: non-finite weights are refused, so the last good checkpoint survives."""
+        for name, state in states.items():
+            check_finite(state, f"{self.stage}: not saving {path} (the last one saved stays): {name}")
+        if self.writer:
+            self.clear_stale()
+            write(path)
+
+
+def open_run(args, stage: str, marks: tuple) -> Run:
+    """The run folder runs/<stage>. With --resume and one of `marks` (the files that hold work to
+    continue) present, the saved log is read and the checkpoints are continued. Otherwise the run is
+    fresh, and never removes finished work before doing any: over an earlier run's files it stops
+    and names --resume and --overwrite; with --overwrite they go at the new run's first write."""
+    out_dir = Path(args.runs) / stage
+    earlier = sorted(p for pattern in RUN_FILES for p in out_dir.glob(pattern))
+    if args.resume and any(any(out_dir.glob(m)) for m in marks):
+        log_path = out_dir / "log.json"
+        if not log_path.is_file():
+            print(f"--resume: {log_path} is missing: continuing from the checkpoints, the log's history "
+                  "starts fresh")
+        log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+        return Run(stage, out_dir, log, resumed=True)
+    if args.resume:
+        print(f"--resume: nothing saved under {out_dir}; starting from scratch")
+    elif earlier and not args.overwrite:
+        raise SystemExit(f"{out_dir} holds an earlier run ({', '.join(p.name for p in earlier)}): pass "
+                         "--resume to continue it, or --overwrite to replace it (its files are removed when "
+                         "the new run writes its first file)")
+    return Run(stage, out_dir, {}, resumed=False, stale=earlier)
+
+
+@contextlib.contextmanager
+def timed(run: Run, name: str):
+    """Add the block's wall and CPU seconds to the log under `name` (the machine may be shared)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    yield
+    wall, cpu = run.log["wall_s"], run.log.setdefault("cpu_s", {})
+    wall[name] = wall.get(name, 0.0) + time.perf_counter() - t0
+    cpu[name] = cpu.get(name, 0.0) + time.process_time() - c0
+    run.write_log()
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_reference(run: Run, path: Path, model, tok: MotionTokenizer, **extra) -> None:
+    """A reference-model checkpoint (reference_model.save_checkpoint), weights and optimizer checked."""
+    run.save(path, lambda p: RM.save_checkpoint(p, model, tok, **extra), model=model.state_dict(),
+             optimizer=extra.get("optimizer"))
+
+
+def save_policy(run: Run, state: dict) -> None:
+    """ppo_anchor.train's checkpoint (policy, optimizer, iteration, history, RNG), weights checked."""
+    run.save(run.dir / "policy.pt", functools.partial(PA.save_atomic, state), policy=state["policy"],
+             optimizer=state["optimizer"])
+
+
+# --------------------------------------------------------------------------------------------
+# Data: toy splits, batches, learning-rate schedule
 # --------------------------------------------------------------------------------------------
 AGENT_FIELDS = ("pos", "z", "yaw", "vel", "valid", "size", "agent_type", "controlled", "eval_mask", "goal",
                 "route", "route_valid", "style")
@@ -127,24 +353,41 @@ def trim(scenes: Scenes, tokens: dict | None = None) -> tuple:
     t = scenes.tensors()
     unknown = set(t) - set(AGENT_FIELDS) - set(SEG_FIELDS) - {"tl_lane", "tl_state", "tl_stop"}
     if unknown:
-        raise ValueError(f"train.trim: Scenes fields {sorted(unknown)} are not classified as agent or map fields")
+        raise ValueError(f"train.trim: Scenes fields {sorted(unknown)} are not classified as agent or map "
+                         "fields")
     for name in AGENT_FIELDS:
-        t[name] = t[name][:, :A]
+        t[name] = t[name][:, :A]                                               # [B, A', ...]
     for name in SEG_FIELDS:
-        t[name] = t[name][:, :Sn]
+        t[name] = t[name][:, :Sn]                                              # [B, S', ...]
     out = Scenes(**t, scene_id=list(scenes.scene_id))
     return out, (None if tokens is None else {k: v[:, :A] for k, v in tokens.items()})
 
 
 def load_splits(cfg: ReferenceStageConfig) -> dict:
-    """Toy train / val / test splits (generated once, then cached on disk by toy_scenes.toy_dataset)."""
+    """Toy train / val / test splits (generated once, then cached on disk by scenes.toy_dataset)."""
+    if not hasattr(S, "toy_dataset"):
+        raise SystemExit("scenes.toy_dataset is not available: the toy scene generator is missing")
     sizes = dict(train=cfg.n_train, val=cfg.n_val, test=cfg.n_test)
-    return {split: toy_dataset(split, n, seed=cfg.data_seed, cache_dir=cfg.cache_dir) for split, n in sizes.items()}
+    return {split: toy_dataset(split, n, seed=cfg.data_seed, cache_dir=cfg.cache_dir)
+            for split, n in sizes.items()}
+
+
+@torch.no_grad()
+def encode_split(tok: MotionTokenizer, data: Scenes, chunk: int = 64) -> dict:
+    """tok.encode over a whole split, in chunks of scenes, on the tokenizer's device, kept on CPU."""
+    parts = [tok.encode(data.select(slice(i, i + chunk)).to(tok.device)) for i in range(0, data.B, chunk)]
+    return {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]}       # [B, A, ...] each
 
 
 def batches(n: int, size: int, shuffle: bool, gen=None) -> list:
-    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)  # [n]
     return [order[i:i + size] for i in range(0, n, size)]
+
+
+def train_batch(split: Scenes, enc: dict, device, idx) -> tuple:
+    """Scenes `idx` of a split, trimmed, on `device`, with their log tokens."""
+    s, tk = trim(split.select(idx), {k: v[idx] for k, v in enc.items()})
+    return s.to(device), {k: v.to(device) for k, v in tk.items()}
 
 
 def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
@@ -156,26 +399,21 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluation: rollouts scored by the WOSAC realism metric
+# The reference model: BC / CAT-K epochs, validation, evaluation
 # --------------------------------------------------------------------------------------------
-def evaluate_model(model, tok, scenes: Scenes, cfg: ReferenceStageConfig, seed: int) -> dict:
-    """WOSAC metrics, goal rate and rollout scenarios per second of R sampled rollouts per scene."""
-    gen = torch.Generator(device=scenes.device).manual_seed(seed)
-    roll = E.reference_rollout(model, tok, cfg.eval_top_k, cfg.eval_temperature, cfg.eval_worlds, gen)
-    return E.score_method(roll, scenes, cfg.eval_R, batch=scenes.B)
+def model_config(cfg: ReferenceStageConfig) -> RM.ReferenceConfig:
+    return RM.ReferenceConfig(K=cfg.K, steps_per_token=cfg.steps_per_token, D=cfg.D, heads=cfg.heads,
+                              layers=cfg.layers, dropout=cfg.dropout, window=cfg.window,
+                              map_neighbours=cfg.map_neighbours, agent_neighbours=cfg.agent_neighbours)
 
 
-# --------------------------------------------------------------------------------------------
-# The reference stage
-# --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def validate(model, data: Scenes, enc: dict, cfg: ReferenceStageConfig, device) -> tuple:
     """Teacher-forced BC loss (with the training smoothing) and token accuracy on held-out scenes."""
     model.eval()
     tot_loss = tot_acc = 0.0
     for idx in batches(data.B, cfg.batch_size, shuffle=False):
-        s, tk = trim(data.select(idx), {k: v[idx] for k, v in enc.items()})
-        loss, acc = RM.bc_loss(model, s.to(device), {k: v.to(device) for k, v in tk.items()}, cfg.label_smoothing)
+        loss, acc = RM.bc_loss(model, *train_batch(data, enc, device, idx), cfg.label_smoothing)
         tot_loss += loss.item() * len(idx)
         tot_acc += acc.item() * len(idx)
     model.train()
@@ -183,8 +421,9 @@ def validate(model, data: Scenes, enc: dict, cfg: ReferenceStageConfig, device) 
 
 
 def train_phase(phase: str, model, tok, opt, data: dict, enc: dict, cfg: ReferenceStageConfig, device,
-                start_epoch: int, epochs: int, peak_lr: float, ckpt: Path, log: dict, log_path: Path) -> None:
-    """Epochs of BC ("bc") or CAT-K ("catk") from start_epoch; checkpoint and log after each."""
+                start_epoch: int, epochs: int, peak_lr: float, run: Run) -> None:
+    """Epochs of BC ("bc") or CAT-K (any other phase name) from start_epoch; after each, the log,
+    then the checkpoint <phase>.pt. The loss and the gradient norm are checked every step."""
     n_batches = math.ceil(data["train"].B / cfg.batch_size)
     total = epochs * n_batches
     model.train()
@@ -192,20 +431,22 @@ def train_phase(phase: str, model, tok, opt, data: dict, enc: dict, cfg: Referen
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + (500 if phase == "catk" else 0))
         t0, c0 = time.perf_counter(), time.process_time()
         sums = dict(loss=0.0, acc=0.0)
-        bar = tqdm(batches(data["train"].B, cfg.batch_size, shuffle=True, gen=gen), desc=f"{phase} epoch {epoch + 1}/{epochs}",
-                   leave=False)
+        order = batches(data["train"].B, cfg.batch_size, shuffle=True, gen=gen)
+        bar = tqdm(order, desc=f"{phase} epoch {epoch + 1}/{epochs}", leave=False)
         for i, idx in enumerate(bar):
+            where = f"{run.stage}: {phase} epoch {epoch + 1}, step {i + 1}/{n_batches}"
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * n_batches + i, total, peak_lr, cfg.warmup_frac)
-            s, tk = trim(data["train"].select(idx), {k: v[idx] for k, v in enc["train"].items()})
-            s, tk = s.to(device), {k: v.to(device) for k, v in tk.items()}
+            s, tk = train_batch(data["train"], enc["train"], device, idx)
             if phase == "bc":
                 loss, acc = RM.bc_loss(model, s, tk, cfg.label_smoothing)
             else:
                 loss, acc = RM.catk_loss(model, tok, s, top_k=cfg.catk_top_k, enc=tk)
+            check_finite(loss, f"{where}: the loss")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            check_finite(grad_norm, f"{where}: the gradient norm")
             opt.step()
             sums["loss"] += loss.item()
             sums["acc"] += acc.item()
@@ -214,100 +455,86 @@ def train_phase(phase: str, model, tok, opt, data: dict, enc: dict, cfg: Referen
         val_loss, val_acc = validate(model, data["val"], enc["val"], cfg, device)
         entry = dict(epoch=epoch + 1, train_loss=sums["loss"] / n_batches, train_acc=sums["acc"] / n_batches,
                      val_loss=val_loss, val_acc=val_acc, train_s=train_s, train_cpu_s=train_cpu_s)
-        log[phase] = [e for e in log.get(phase, []) if e["epoch"] <= epoch] + [entry]
-        S.save_atomic(log, log_path)  # first the log: a resume drops log entries past the checkpoint's epoch
-        RM.save_checkpoint(ckpt, model, tok, stage_cfg=asdict(cfg), optimizer=opt.state_dict(), epoch=epoch + 1,
-                           phase=phase)
-        print(f"{phase} epoch {epoch + 1}/{epochs}: train loss {entry['train_loss']:.3f} acc {entry['train_acc']:.3f} | "
-              f"val loss {val_loss:.3f} acc {val_acc:.3f} | {train_s:.1f} s")
+        run.log[phase] = [e for e in run.log.get(phase, []) if e["epoch"] <= epoch] + [entry]
+        run.write_log()  # first the log: a resume drops log entries past the checkpoint's epoch
+        save_reference(run, run.dir / f"{phase}.pt", model, tok, stage_cfg=asdict(cfg),
+                       optimizer=opt.state_dict(), epoch=epoch + 1, phase=phase)
+        print(f"{phase} epoch {epoch + 1}/{epochs}: train loss {entry['train_loss']:.3f} "
+              f"acc {entry['train_acc']:.3f} | val loss {val_loss:.3f} acc {val_acc:.3f} | {train_s:.1f} s")
 
 
-@torch.no_grad()
-def encode_split(tok: MotionTokenizer, data: Scenes, chunk: int = 64) -> dict:
-    """tok.encode over a whole split, in chunks of scenes, on the tokenizer's device, kept on CPU."""
-    parts = [tok.encode(data.select(slice(i, i + chunk)).to(tok.device)) for i in range(0, data.B, chunk)]
-    return {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]}
+def evaluate_model(model, tok, scenes: Scenes, cfg: ReferenceStageConfig, seed: int) -> dict:
+    """WOSAC metrics, goal rate and rollout scenarios per second of R sampled rollouts per scene."""
+    gen = torch.Generator(device=scenes.device).manual_seed(seed)
+    roll = E.reference_rollout(model, tok, cfg.eval_top_k, cfg.eval_temperature, cfg.eval_worlds, gen)
+    return E.score_method(roll, scenes, cfg.eval_R, batch=scenes.B)
 
 
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
+# --------------------------------------------------------------------------------------------
+# The reference stage: tokenizer, BC, CAT-K, evaluation
+# --------------------------------------------------------------------------------------------
 def stage_reference(args) -> dict:
     """Tokenizer, BC, CAT-K and the evaluation table; returns the evaluation results."""
     device = pick_device(args.device)
-    out_dir = Path(args.runs) / "reference"
-    bc_path, catk_path, log_path = out_dir / "bc.pt", out_dir / "catk.pt", out_dir / "log.json"
-    cfg = quick_config() if args.quick else ReferenceStageConfig()
-    cfg = replace(cfg, seed=args.seed)
-    resume_from = None
-    if args.resume:
-        resume_from = catk_path if catk_path.is_file() else bc_path if bc_path.is_file() else None
-        if resume_from is None:
-            print(f"--resume: nothing saved under {out_dir}; starting from scratch")
-    if resume_from is not None:
-        ck = load_checkpoint(resume_from)
+    run = open_run(args, "reference", marks=("bc.pt", "catk.pt"))
+    bc_path, catk_path = run.dir / "bc.pt", run.dir / "catk.pt"
+    cfg = replace(quick_config() if args.quick else ReferenceStageConfig(), seed=args.seed)
+    ck = run.checkpoint("catk.pt") or run.checkpoint("bc.pt")       # the latest phase saved
+    if ck is not None:
         saved = ReferenceStageConfig(**ck["stage_cfg"])
         if saved != cfg:
-            print(f"--resume: continuing with the configuration saved in {resume_from}")
+            print(f"--resume: continuing with the configuration saved in {run.dir / (ck['phase'] + '.pt')}")
         cfg = saved
     torch.manual_seed(cfg.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if resume_from is None:  # a fresh run never mixes with checkpoints of an earlier one
-        for stale in (bc_path, catk_path):
-            stale.unlink(missing_ok=True)
-    log = json.loads(log_path.read_text()) if resume_from is not None and log_path.is_file() else {}
-    if resume_from == catk_path and ck["epoch"] >= cfg.catk_epochs and "eval" in log \
-            and log_path.stat().st_mtime >= catk_path.stat().st_mtime:
-        print(f"--resume: {out_dir} is complete (BC, CAT-K and their evaluation); nothing to do")
-        print(E.format_table(log["eval"]["results"]))
-        return log["eval"]["results"]
-    log["config"] = asdict(cfg)
+    if ck is not None and ck["phase"] == "catk" and ck["epoch"] >= cfg.catk_epochs and "eval" in run.log \
+            and run.log_path.stat().st_mtime >= catk_path.stat().st_mtime:
+        print(f"--resume: {run.dir} is complete (BC, CAT-K and their evaluation); nothing to do")
+        print(E.format_table(run.log["eval"]["results"]))
+        return run.log["eval"]["results"]
+    run.log["config"] = asdict(cfg)
     t_start = time.perf_counter()
 
     # ---- data and tokens ---------------------------------------------------------------------
     data = load_splits(cfg)
     print(f"toy scenes: train {data['train'].B}, val {data['val'].B}, test {data['test'].B} "
           f"(up to {data['train'].A} agents, {data['train'].seg_start.shape[1]} map segments)")
-    if resume_from is not None:
-        tok = MotionTokenizer.from_state_dict(ck["tokenizer"], K=cfg.K, steps_per_token=cfg.steps_per_token).to(device)
+    if ck is not None:
+        tok = MotionTokenizer.from_state_dict(ck["tokenizer"], K=cfg.K, steps_per_token=cfg.steps_per_token)
     else:
         t0 = time.perf_counter()
         tok = MotionTokenizer.fit(data["train"], TokenizerConfig(K=cfg.K, steps_per_token=cfg.steps_per_token,
-                                                                 seed=cfg.seed)).to(device)
-        log["tokenizer_s"] = time.perf_counter() - t0
+                                                                 seed=cfg.seed))
+        run.log["tokenizer_s"] = time.perf_counter() - t0
+    tok = tok.to(device)
     enc = {split: encode_split(tok, data[split]) for split in ("train", "val")}  # log tokens, once
     model = RM.ReferenceModel(model_config(cfg), tok.table).to(device)
     print(f"reference model: {model.n_params:,} parameters; K={cfg.K} tokens per type, "
           f"{cfg.steps_per_token} steps per token; device {device}")
-    log["n_params"] = model.n_params
+    run.log["n_params"] = model.n_params
 
     # ---- behaviour cloning -------------------------------------------------------------------
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     bc_start = 0
-    if resume_from is not None:
+    if ck is not None:
         model.load_state_dict(ck["model"])
         if ck["phase"] == "bc":
             opt.load_state_dict(ck["optimizer"])
-            bc_start = ck["epoch"]
-        else:
-            bc_start = cfg.bc_epochs
+        bc_start = ck["epoch"] if ck["phase"] == "bc" else cfg.bc_epochs
     if bc_start < cfg.bc_epochs:
-        train_phase("bc", model, tok, opt, data, enc, cfg, device, bc_start, cfg.bc_epochs, cfg.lr,
-                    bc_path, log, log_path)
+        train_phase("bc", model, tok, opt, data, enc, cfg, device, bc_start, cfg.bc_epochs, cfg.lr, run)
 
     # ---- CAT-K closed-loop SFT, from the BC weights with a fresh optimizer at ~0.1x the rate ----
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.catk_lr, weight_decay=cfg.weight_decay)
     catk_start = 0
-    if resume_from is not None and ck["phase"] == "catk":
+    if ck is not None and ck["phase"] == "catk":
         opt.load_state_dict(ck["optimizer"])
         catk_start = ck["epoch"]
     if catk_start < cfg.catk_epochs:
         train_phase("catk", model, tok, opt, data, enc, cfg, device, catk_start, cfg.catk_epochs, cfg.catk_lr,
-                    catk_path, log, log_path)
-    elif not catk_path.is_file():  # zero CAT-K epochs: the CAT-K model is the BC model
-        RM.save_checkpoint(catk_path, model, tok, stage_cfg=asdict(cfg), optimizer=opt.state_dict(), epoch=0,
-                           phase="catk")
+                    run)
+    elif ck is None or ck["phase"] != "catk":  # zero CAT-K epochs: the CAT-K model is the BC model
+        save_reference(run, catk_path, model, tok, stage_cfg=asdict(cfg), optimizer=opt.state_dict(), epoch=0,
+                       phase="catk")
 
     # ---- evaluation on held-out scenes -------------------------------------------------------
     test = data["test"].to(device)
@@ -317,25 +544,34 @@ def stage_reference(args) -> dict:
     for name, path in (("BC", bc_path), ("CAT-K", catk_path)):
         m, _, _ = RM.load_reference(path, device)
         results[name] = dict(evaluate_model(m, tok, test, cfg, seed=cfg.seed), params=m.n_params)
-    log["eval"] = dict(results=results, eval_s=time.perf_counter() - t0, R=cfg.eval_R, n_test=test.B)
-    log["total_s_this_run"] = time.perf_counter() - t_start
-    S.save_atomic(log, log_path)
+    run.log["eval"] = dict(results=results, eval_s=time.perf_counter() - t0, R=cfg.eval_R, n_test=test.B)
+    run.log["total_s_this_run"] = time.perf_counter() - t_start
+    run.write_log()
     print(f"\nheld-out toy test scenes: {test.B}, {cfg.eval_R} rollouts each (WOSAC 2025 weights)")
     print(E.format_table(results))
-    print(f"checkpoints: {bc_path}, {catk_path}\nlog and results: {log_path}")
-    print(f"stage time: {log['total_s_this_run']:.0f} s")
+    print(f"checkpoints: {bc_path}, {catk_path}\nlog and results: {run.log_path}")
+    print(f"stage time: {run.log['total_s_this_run']:.0f} s")
     return results
 
 
 # --------------------------------------------------------------------------------------------
 # The spacer stage: SPACeR self-play PPO and its PPO / HR-PPO baselines (ppo_anchor.py)
 # --------------------------------------------------------------------------------------------
-SPACER_QUICK = dict(num_worlds=4, iterations=3, minibatch_size=512, eval_rollouts=4, eval_batch=4,
-                    bc_scenes=8, bc_epochs=2, save_every=1)  # --quick: a smoke run of about a minute
 SPACER_COLUMNS = ("realism_meta", "kinematic", "interactive", "map_based", "min_ade", "collision_rate",
-                  "offroad_rate", "goal_rate", "scenarios_per_s", "policy_only_scenarios_per_s", "n_params", "entropy",
-                  "kl_ref", "logp_ref_exec")
+                  "offroad_rate", "goal_rate", "scenarios_per_s", "policy_only_scenarios_per_s", "n_params",
+                  "entropy", "kl_ref", "logp_ref_exec")
 TRAIN_COLUMNS = ("entropy", "kl_ref", "logp_ref_exec")  # training diagnostics, mean of the last 5 iterations
+
+
+def spacer_config(args) -> tuple:
+    """(SpacerConfig, run name) from the flags: --anchor's method, the --quick preset, then --alpha,
+    --beta, --iterations and --hidden on top (they also name the run)."""
+    overrides = {k: getattr(args, k) for k in ("alpha", "beta", "iterations", "hidden")
+                 if getattr(args, k, None) is not None}
+    cfg = PA.anchor_config(args.anchor, seed=args.seed, **{**(SPACER_QUICK if args.quick else {}),
+                                                            **overrides})
+    name = args.anchor + "".join(f"_{k}{v:g}" for k, v in overrides.items())
+    return cfg, name + (f"_seed{args.seed}" if args.seed else "")
 
 
 def spacer_table(spacer_dir: Path) -> str:
@@ -348,11 +584,45 @@ def spacer_table(spacer_dir: Path) -> str:
             train = {k: sum(h[k] for h in tail) / len(tail) for k in TRAIN_COLUMNS if tail and k in tail[0]}
             rows[log_path.parent.name] = {**log["eval"], **train, "n_params": log["n_params"]}
     lines = ["| method | " + " | ".join(SPACER_COLUMNS) + " |", "|---" * (len(SPACER_COLUMNS) + 1) + "|"]
-    fmt = lambda k, v: "-" if v is None else f"{v:,.0f}" if k == "n_params" else f"{v:.1f}" if k.endswith("_per_s") \
-        else f"{v:.4f}"
+    fmt = lambda k, v: "-" if v is None else f"{v:,.0f}" if k == "n_params" else f"{v:.1f}" \
+        if k.endswith("_per_s") else f"{v:.4f}"
     for name, m in rows.items():
         lines.append(f"| {name} | " + " | ".join(fmt(k, m.get(k)) for k in SPACER_COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def hr_ppo_teacher(run: Run, cfg: PA.SpacerConfig, scenes: Scenes, enc: dict, tok, device):
+    """HR-PPO's decentralized behaviour-cloned teacher, trained once per run (bc.pt)."""
+    teacher = PA.LateFusionPolicy(tok.K, cfg.embed, cfg.bc_hidden, cfg.type_heads).to(device)
+    saved = run.checkpoint("bc.pt", device)
+    if saved is not None:
+        teacher.load_state_dict(saved)
+    else:
+        t0 = time.perf_counter()
+        teacher, acc = PA.train_bc(cfg, scenes, {k: v.to(device) for k, v in enc.items()}, tok.table, tok.n0,
+                                   progress=True)
+        weights = teacher.state_dict()
+        run.save(run.dir / "bc.pt", functools.partial(PA.save_atomic, weights), teacher=weights)
+        run.log.update(bc_accuracy=acc, bc_s=time.perf_counter() - t0)
+        print(f"BC teacher: {PA.count_parameters(teacher):,} parameters, token accuracy {acc:.3f} "
+              f"-> {run.dir / 'bc.pt'}")
+    return teacher.eval()
+
+
+def score_reference_once(run: Run, ref_path: Path, ref, tok, ref_stage: ReferenceStageConfig, test: Scenes,
+                         cfg: PA.SpacerConfig) -> None:
+    """The reference's row of the SPACeR table (runs/spacer/reference/log.json), scored like the
+    policies and kept until the reference checkpoint or the number of test scenes changes."""
+    ref_log = run.dir.parent / "reference" / "log.json"
+    fresh = ref_log.is_file() and ref_log.stat().st_mtime > ref_path.stat().st_mtime
+    if fresh and json.loads(ref_log.read_text())["eval"]["n_scenes"] == test.B:
+        return
+    rollout = E.reference_rollout(ref, tok, ref_stage.eval_top_k, ref_stage.eval_temperature,
+                                  ref_stage.eval_worlds)
+    torch.manual_seed(cfg.seed)
+    scores = E.score_method(rollout, test, cfg.eval_rollouts, cfg.eval_batch, progress=True)
+    if run.writer:
+        E.write_json(ref_log, dict(reference=str(ref_path), n_params=ref.n_params, eval=scores))
 
 
 def stage_spacer(args) -> dict:
@@ -366,61 +636,36 @@ def stage_spacer(args) -> dict:
         python train.py --stage spacer --anchor ppo             # task reward only
         python train.py --stage spacer --anchor hr-ppo          # KL to a behaviour-cloned policy
         python train.py --stage spacer --alpha 0.1 --beta 0     # ablation: likelihood reward only
-        python train.py --stage spacer --quick                  # smoke run (about a minute)
+        python train.py --stage spacer --quick                  # smoke run
     """
     device = pick_device(args.device)
-    anchor = getattr(args, "anchor", None) or "spacer"
+    cfg, name = spacer_config(args)
+    run = open_run(args, f"spacer/{name}", marks=("policy.pt",))
+    state = run.checkpoint("policy.pt", device)
+    if state is not None:
+        cfg = PA.SpacerConfig(**state["cfg"])
+        print(f"--resume: continuing {run.dir / 'policy.pt'} from iteration "
+              f"{state['iteration']}/{cfg.iterations}")
+        if state["iteration"] >= cfg.iterations and "eval" in run.log:
+            print(f"--resume: {run.dir} is complete (training and evaluation); nothing to do")
+            print(spacer_table(run.dir.parent))
+            return run.log["eval"]
     ref_path = Path(args.runs) / "reference" / "catk.pt"
     if not ref_path.is_file():
         print(f"no reference checkpoint at {ref_path}: training it first (the reference stage)")
         stage_reference(args)
+    run.log = dict(config=asdict(cfg), reference=str(ref_path))
+
+    # ---- data: the reference's own training logs (as tokens) and test scenes -------------------
     ref, tok, _ = RM.load_reference(ref_path, device)
     ref_stage = ReferenceStageConfig(**load_checkpoint(ref_path)["stage_cfg"])
-    data = load_splits(ref_stage)                   # the reference's own training logs and test scenes
-
-    # ---- configuration, run folder, resume ----------------------------------------------------
-    overrides = {k: getattr(args, k) for k in ("alpha", "beta", "iterations", "hidden") if getattr(args, k, None) is not None}
-    cfg = PA.anchor_config(anchor, seed=args.seed, **(SPACER_QUICK if args.quick else {}), **overrides)
-    name = anchor + "".join(f"_{k}{v:g}" for k, v in overrides.items()) + (f"_seed{args.seed}" if args.seed else "")
-    spacer_dir = Path(args.runs) / "spacer"
-    out_dir = spacer_dir / name
-    policy_path, bc_path, log_path = out_dir / "policy.pt", out_dir / "bc.pt", out_dir / "log.json"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = None
-    if args.resume and policy_path.is_file():
-        state = torch.load(policy_path, map_location=device, weights_only=True)
-        cfg = PA.SpacerConfig(**state["cfg"])
-        print(f"--resume: continuing {policy_path} from iteration {state['iteration']}/{cfg.iterations}")
-    elif args.resume:
-        print(f"--resume: nothing saved under {out_dir}; starting from scratch")
-    if state is None:  # a fresh run never mixes with checkpoints of an earlier one
-        for stale in (policy_path, bc_path, log_path):
-            stale.unlink(missing_ok=True)
-    if state is not None and state["iteration"] >= cfg.iterations and log_path.is_file():
-        done = json.loads(log_path.read_text())
-        if "eval" in done:
-            print(f"--resume: {out_dir} is complete (training and evaluation); nothing to do")
-            print(spacer_table(spacer_dir))
-            return done["eval"]
-    log = dict(config=asdict(cfg), reference=str(ref_path))
-
-    # ---- the training logs as tokens; the frozen reference as a (scenes, ids, id_valid) callable --
+    data = load_splits(ref_stage)
     train_scenes = data["train"].to(device)
     enc = encode_split(tok, data["train"])
+
+    # ---- models: the frozen reference as a (scenes, ids, id_valid) callable, HR-PPO's teacher ---
     log_p_ref = functools.partial(RM.log_p_ref, ref, tok)
-    teacher = None
-    if anchor == "hr-ppo":  # HR-PPO's decentralized behaviour-cloned teacher, trained once per run
-        teacher = PA.LateFusionPolicy(tok.K, cfg.embed, cfg.bc_hidden, cfg.type_heads).to(device)
-        if state is not None and bc_path.is_file():
-            teacher.load_state_dict(torch.load(bc_path, map_location=device, weights_only=True))
-        else:
-            t0 = time.perf_counter()
-            teacher, acc = PA.train_bc(cfg, train_scenes, {k: v.to(device) for k, v in enc.items()}, tok.table,
-                                       tok.n0, progress=True)
-            S.save_atomic(teacher.state_dict(), bc_path)
-            log.update(bc_accuracy=acc, bc_s=time.perf_counter() - t0)
-            print(f"BC teacher: {PA.count_parameters(teacher):,} parameters, token accuracy {acc:.3f} -> {bc_path}")
-        teacher.eval()
+    teacher = hr_ppo_teacher(run, cfg, train_scenes, enc, tok, device) if args.anchor == "hr-ppo" else None
     n_params = PA.count_parameters(PA.LateFusionPolicy(tok.K, cfg.embed, cfg.hidden, cfg.type_heads))
     print(f"{name}: policy {n_params:,} parameters (reference {ref.n_params:,}); {cfg.num_worlds} worlds x "
           f"{cfg.iterations} iterations; alpha {cfg.alpha}, beta {cfg.beta}; device {device}")
@@ -428,37 +673,30 @@ def stage_spacer(args) -> dict:
     # ---- self-play PPO -------------------------------------------------------------------------
     t0 = time.perf_counter()
     policy, history = PA.train(cfg, train_scenes, enc, tok.table, tok.n0, log_p_ref=log_p_ref,
-                               teacher=teacher, state=state, ckpt_fn=lambda st: S.save_atomic(st, policy_path),
+                               teacher=teacher, state=state, ckpt_fn=functools.partial(save_policy, run),
                                progress=True)
     steps = sum(h["agent_steps"] for h in history)
-    log.update(n_params=n_params, reference_params=ref.n_params, history=history, train_s_this_run=time.perf_counter() - t0,
-               agent_steps=steps, train_sps=steps / max(sum(h["rollout_s"] + h["reference_s"] + h["update_s"]
-                                                            for h in history), 1e-9))
+    busy_s = sum(h["rollout_s"] + h["reference_s"] + h["update_s"] for h in history)
+    run.log.update(n_params=n_params, reference_params=ref.n_params, history=history,
+                   train_s_this_run=time.perf_counter() - t0, agent_steps=steps,
+                   train_sps=steps / max(busy_s, 1e-9))
 
     # ---- evaluation on held-out test scenes, R rollouts each -----------------------------------
-    n_test = min(data["test"].B, 4 if args.quick else data["test"].B)
+    n_test = min(data["test"].B, SPACER_QUICK_TEST if args.quick else data["test"].B)
     test = data["test"].select(slice(0, n_test)).to(device)
     policy.eval()
     torch.manual_seed(cfg.seed)
     timing = {}
-    log["eval"] = E.score_method(lambda s, R: PA.policy_rollout(policy, s, R, tok.table, cfg, timing), test,
-                                 cfg.eval_rollouts, cfg.eval_batch, progress=True)
-    log["eval"]["policy_only_scenarios_per_s"] = n_test * cfg.eval_rollouts / timing["policy_s"]
-    S.save_atomic(log, log_path)
-    ref_log = spacer_dir / "reference" / "log.json"
-    fresh = ref_log.is_file() and ref_log.stat().st_mtime > ref_path.stat().st_mtime
-    if not fresh or json.loads(ref_log.read_text())["eval"]["n_scenes"] != n_test:
-        ref_rollout = E.reference_rollout(ref, tok, ref_stage.eval_top_k, ref_stage.eval_temperature,
-                                          ref_stage.eval_worlds)
-        torch.manual_seed(cfg.seed)
-        (spacer_dir / "reference").mkdir(parents=True, exist_ok=True)
-        S.save_atomic(dict(reference=str(ref_path), n_params=ref.n_params, eval=E.score_method(
-            ref_rollout, test, cfg.eval_rollouts, cfg.eval_batch, progress=True)), ref_log)
+    rollout = lambda s, R: PA.policy_rollout(policy, s, R, tok.table, cfg, timing)
+    run.log["eval"] = E.score_method(rollout, test, cfg.eval_rollouts, cfg.eval_batch, progress=True)
+    run.log["eval"]["policy_only_scenarios_per_s"] = n_test * cfg.eval_rollouts / timing["policy_s"]
+    run.write_log()
+    score_reference_once(run, ref_path, ref, tok, ref_stage, test, cfg)
     print(f"\nheld-out toy test scenes: {n_test}, {cfg.eval_rollouts} rollouts each (WOSAC 2025 weights)")
-    print(spacer_table(spacer_dir))
-    print(f"training: {steps:,} agent-steps at {log['train_sps']:.0f} agent-steps/s")
-    print(f"policy: {policy_path}\nlog and results: {log_path}")
-    return log["eval"]
+    print(spacer_table(run.dir.parent))
+    print(f"training: {steps:,} agent-steps at {run.log['train_sps']:.0f} agent-steps/s")
+    print(f"policy: {run.dir / 'policy.pt'}\nlog and results: {run.log_path}")
+    return run.log["eval"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,183 +704,215 @@ def stage_spacer(args) -> dict:
 # --------------------------------------------------------------------------------------------
 R1_ROWS = ("BC", "SFT", "SFT-RFT", "SFT-SFT", "SFT-RFT-SFT", "SFT-RFT (GRPO)", "SFT-RFT (no KL)",
            "SFT-SFT (trajectory-matched)")
+R1_VARIANTS = (("grpo", "SFT-RFT (GRPO)"), ("reinforce", "SFT-RFT (no KL)"))  # --variants: RFT baselines
 
 
-def stage_r1(args) -> dict:
-    """SMART-R1 on the reference's toy scenes, the paper's split (r1_finetune.schedule): SFT-1 = N
-    CAT-K epochs from BC (the reference stage's CAT-K model when it is exactly that), RFT with MPO
-    against the frozen SFT-1, SFT-2 = N CAT-K epochs, and the control SFT-SFT = SFT-1 + N CAT-K
-    epochs (2N in both arms, the same rate schedule); with --variants also RFT with the GRPO-style
-    and the no-KL REINFORCE advantages, and the trajectory-matched control. Every model is
-    scored on the held-out test scenes with eval_R rollouts (one sampling seed for all). Writes
-    runs/r1/seed<S>/*.pt and log.json atomically after every epoch / few RFT steps (--resume
-    skips finished sub-stages and continues the current one); prints this seed's table and the
-    mean over every seed run so far."""
-    device = pick_device(args.device)
-    ref_dir = Path(args.runs) / "reference"
-    bc_path, catk_path = ref_dir / "bc.pt", ref_dir / "catk.pt"
-    if not (bc_path.is_file() and catk_path.is_file()):
-        print(f"no reference checkpoints under {ref_dir}: training them first (the reference stage)")
-        stage_reference(args)
-    ref_cfg = ReferenceStageConfig(**load_checkpoint(bc_path)["stage_cfg"])
-    cfg = replace(R1.quick_config() if args.quick else R1.R1Config(), seed=args.seed)
-    lr = getattr(args, "rft_lr", None)
-    if lr is not None:                    # a variant of the schedule: its own folder, not one of the seeds
-        cfg = replace(cfg, lr=lr)
-    out_dir = Path(args.runs) / "r1" / (f"seed{cfg.seed}" + ("" if lr is None else f"_lr{lr:g}"))
-    log_path = out_dir / "log.json"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if args.resume and log_path.is_file():
-        log = json.loads(log_path.read_text())
-        cfg = R1.R1Config(**log["config"])
-        print(f"--resume: continuing {out_dir} with its saved configuration")
-    else:
-        if args.resume:
-            print(f"--resume: nothing saved under {out_dir}; starting from scratch")
-        for stale in out_dir.glob("*.pt"):   # a fresh run never mixes with checkpoints of an earlier one
-            stale.unlink()
-        log = dict(config=asdict(cfg), reference=str(ref_dir), wall_s={}, eval={})
-    variants = ("mpo", "grpo", "reinforce") if getattr(args, "variants", False) else ("mpo",)
-    rft_cfgs = {kind: R1.variant_config(cfg, kind) for kind in variants}   # checked before any training
-    torch.manual_seed(cfg.seed)
-    data = load_splits(ref_cfg)
-    _, tok, _ = RM.load_reference(bc_path, device)
-    enc = {split: encode_split(tok, data[split]) for split in ("train", "val")}
-    n_train = data["train"].B
-    sft_cfg = replace(ref_cfg, seed=cfg.seed)            # train_phase's batch size, CAT-K top-k, clip, warm-up
-    sft_lr = ref_cfg.catk_lr if cfg.sft_lr is None else cfg.sft_lr
-    sched = R1.schedule(cfg, n_train)                  # CAT-K epochs of each SFT phase
-    print(f"SMART-R1 from {ref_dir}: {n_train} training scenes; CAT-K epochs: SFT-1 {sched['sft1']}, SFT-2 "
-          f"{sched['sft2']}, SFT-SFT {sched['sft1']} + {sched['sftsft']}; RFT {cfg.rft_steps} steps x "
-          f"{cfg.scenes_per_step} scenes x M={cfg.M} rollouts in {cfg.groups} set(s); device {device}")
+def r1_config(args) -> tuple:
+    """(R1Config, run name) from the flags; a --rft-lr run is a variant of the schedule, with its
+    own folder, not one of the seeds."""
+    cfg = replace(R1.R1Config(**R1_QUICK) if args.quick else R1.R1Config(), seed=args.seed)
+    if args.rft_lr is not None:
+        cfg = replace(cfg, lr=args.rft_lr)
+    R1.check_config(cfg)
+    return cfg, f"r1/seed{cfg.seed}" + ("" if args.rft_lr is None else f"_lr{args.rft_lr:g}")
 
-    def load(path):
-        return RM.load_reference(path, device)[0]
 
-    def timed(name, fn):                         # wall and CPU seconds per sub-stage (the machine may be shared)
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        log["wall_s"][name] = log["wall_s"].get(name, 0.0) + time.perf_counter() - t0
-        cpu = log.setdefault("cpu_s", {})
-        cpu[name] = cpu.get(name, 0.0) + time.process_time() - c0
-        S.save_atomic(log, log_path)
-        return out
+def sft_phase(run: Run, name: str, init: Path, epochs: int, tok, data: dict, enc: dict,
+              cfg: ReferenceStageConfig, lr: float, device) -> Path:
+    """A CAT-K sub-stage (SFT-1, SFT-2, SFT-SFT) from checkpoint `init`, continued from <name>.pt."""
+    path = run.dir / f"{name}.pt"
+    ck = run.checkpoint(path.name)
+    model = RM.load_reference(path if ck else init, device)[0].train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    if ck:
+        opt.load_state_dict(ck["optimizer"])
+    start = ck["epoch"] if ck else 0
+    if start < epochs:
+        train_phase(name, model, tok, opt, data, enc, cfg, device, start, epochs, lr, run)
+    elif ck is None:                          # zero epochs: a copy of the starting model
+        save_reference(run, path, model, tok, stage_cfg=asdict(cfg), optimizer=opt.state_dict(), epoch=0,
+                       phase=name)
+    return path
 
-    def catk(name: str, init: Path, epochs: int) -> Path:
-        """A CAT-K sub-stage from checkpoint `init` (reference_model.catk_loss via train_phase)."""
-        path = out_dir / f"{name}.pt"
-        ck = load_checkpoint(path) if path.is_file() else None
-        model = load(path if ck else init).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=sft_lr, weight_decay=ref_cfg.weight_decay)
-        if ck:
-            opt.load_state_dict(ck["optimizer"])
-        if (ck["epoch"] if ck else 0) < epochs:
-            train_phase(name, model, tok, opt, data, enc, sft_cfg, device, ck["epoch"] if ck else 0, epochs,
-                        sft_lr, path, log, log_path)
-        elif ck is None:                          # zero epochs: a copy of the starting model
-            RM.save_checkpoint(path, model, tok, stage_cfg=asdict(sft_cfg), optimizer=opt.state_dict(), epoch=0,
-                               phase=name)
-        return path
 
-    def get_batch(idx):
-        s, tk = trim(data["train"].select(idx), {k: v[idx] for k, v in enc["train"].items()})
-        return s.to(device), {k: v.to(device) for k, v in tk.items()}
+def save_rft(run: Run, path: Path, kind: str, model, tok, opt, cfg: R1.R1Config, tau: float, step: int,
+             history: list) -> None:
+    """r1_finetune.train_rft's save_fn: the RFT checkpoint (weights checked), its history in the log."""
+    save_reference(run, path, model, tok, r1_cfg=asdict(cfg), optimizer=opt.state_dict(), step=step,
+                   history=history, tau=tau)
+    run.log[f"rft_{kind}"] = history
+    run.write_log()
 
-    def rft(kind: str, sft1: Path, tau: float) -> Path:
-        """RFT of SFT-1 with the `kind` advantage against the frozen SFT-1."""
-        path, rcfg = out_dir / f"rft_{kind}.pt", rft_cfgs[kind]
-        ck = load_checkpoint(path) if path.is_file() else None
-        model = load(path if ck else sft1)
-        opt = torch.optim.AdamW(model.parameters(), lr=rcfg.lr, weight_decay=rcfg.weight_decay)
-        if ck:
-            opt.load_state_dict(ck["optimizer"])
-        if ck is None or ck["step"] < rcfg.rft_steps:
-            def save(step, history):
-                RM.save_checkpoint(path, model, tok, r1_cfg=asdict(rcfg), optimizer=opt.state_dict(), step=step,
-                                   history=history, tau=tau)
-                log[f"rft_{kind}"] = history
-                S.save_atomic(log, log_path)
-            R1.train_rft(model, R1.frozen_copy(load(sft1)), tok, get_batch, n_train, rcfg, tau, opt,
-                         ck["step"] if ck else 0, ck["history"] if ck else [], save)
-        return path
 
-    test = data["test"].to(device)
-    eval_cfg = replace(ref_cfg, eval_R=cfg.eval_R)
+def rft_phase(run: Run, kind: str, sft1: Path, tau: float, cfg: R1.R1Config, tok, get_batch, n_train: int,
+              device) -> Path:
+    """RFT of SFT-1 with the `kind` advantage against the frozen SFT-1, continued from rft_<kind>.pt."""
+    path, cfg = run.dir / f"rft_{kind}.pt", R1.variant_config(cfg, kind)
+    ck = run.checkpoint(path.name)
+    model = RM.load_reference(path if ck else sft1, device)[0]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if ck:
+        opt.load_state_dict(ck["optimizer"])
+    if ck is None or ck["step"] < cfg.rft_steps:
+        save = functools.partial(save_rft, run, path, kind, model, tok, opt, cfg, tau)
+        sft = R1.frozen_copy(RM.load_reference(sft1, device)[0])
+        R1.train_rft(model, sft, tok, get_batch, n_train, cfg, tau, opt, ck["step"] if ck else 0,
+                     ck["history"] if ck else [], save)
+    return path
 
-    # the reference stage scored BC and CAT-K the same way (seed, R, test scenes): reuse when current
-    ref_log = ref_dir / "log.json"
+
+def reference_scores(ref_dir: Path, R: int, n_test: int) -> dict:
+    """{checkpoint: its scores} for BC and CAT-K from the reference stage's log, when it scored them
+    the same way (seed, R, test scenes) after they were last written."""
+    ref_log, bc_path, catk_path = ref_dir / "log.json", ref_dir / "bc.pt", ref_dir / "catk.pt"
     ref_eval = json.loads(ref_log.read_text()).get("eval", {}) if ref_log.is_file() else {}
-    if ref_eval.get("R") != cfg.eval_R or ref_eval.get("n_test") != test.B \
+    if ref_eval.get("R") != R or ref_eval.get("n_test") != n_test \
             or ref_log.stat().st_mtime < max(bc_path.stat().st_mtime, catk_path.stat().st_mtime):
-        ref_eval = {}
-    known = {bc_path: "BC", catk_path: "CAT-K"}
+        return {}
+    results = ref_eval.get("results", {})
+    return {bc_path: results.get("BC"), catk_path: results.get("CAT-K")}
 
-    def evaluate(name: str, path: Path) -> None:
-        if name not in log["eval"]:             # one sampling seed for every model: common random numbers
-            reuse = ref_eval.get("results", {}).get(known.get(path))
-            log["eval"][name] = reuse or evaluate_model(load(path), tok, test, eval_cfg, seed=ref_cfg.seed)
-            print(f"{name}: realism meta {log['eval'][name]['realism_meta']:.4f}" + (" (reference stage's)" if reuse else ""))
 
-    # ---- the schedule --------------------------------------------------------------------------
-    reuse = ref_cfg.catk_epochs == sched["sft1"] and sft_lr == ref_cfg.catk_lr   # the same N epochs from BC
-    sft1 = catk_path if reuse else timed("sft1", lambda: catk("sft1", bc_path, sched["sft1"]))
-    timed("eval", lambda: (evaluate("BC", bc_path), evaluate("SFT", sft1)))
-    if log.get("tau") is None:
-        tau = cfg.tau if cfg.tau is not None else timed("tau", lambda: R1.measure_tau(load(sft1), tok, get_batch,
-                                                                                         n_train, cfg))
-        log["tau"] = tau
-        S.save_atomic(log, log_path)
-    tau = log["tau"]
-    print(f"tau = {tau:.4f} ({'given' if cfg.tau is not None else 'SFT-1 mean reward on training scenes'}, "
-          f"M={cfg.M} rollouts in {cfg.groups} group(s))")
-    rft_mpo = timed("rft_mpo", lambda: rft("mpo", sft1, tau))
-    timed("eval", lambda: evaluate("SFT-RFT", rft_mpo))
-    sft2 = timed("sft2", lambda: catk("sft2", rft_mpo, sched["sft2"]))
-    timed("eval", lambda: evaluate("SFT-RFT-SFT", sft2))
-    sftsft = timed("sftsft", lambda: catk("sftsft", sft1, sched["sftsft"]))
-    timed("eval", lambda: evaluate("SFT-SFT", sftsft))
-    if getattr(args, "variants", False):         # the old control: RFT's trajectories as CAT-K epochs
-        traj = timed("sftsft_traj", lambda: catk("sftsft_traj", sft1, sched["sftsft_traj"]))
-        timed("eval", lambda: evaluate("SFT-SFT (trajectory-matched)", traj))
-    for kind, name in (("grpo", "SFT-RFT (GRPO)"), ("reinforce", "SFT-RFT (no KL)")):
-        if kind in variants:
-            path = timed(f"rft_{kind}", lambda: rft(kind, sft1, tau))
-            timed("eval", lambda: evaluate(name, path))
+def score_once(run: Run, name: str, path: Path, tok, test: Scenes, cfg: ReferenceStageConfig, known: dict,
+               device) -> None:
+    """Row `name` of the r1 table: checkpoint `path` scored with eval_R rollouts per test scene,
+    once; one sampling seed for every model (common random numbers)."""
+    if name not in run.log["eval"]:
+        reuse = known.get(path)
+        run.log["eval"][name] = reuse or evaluate_model(RM.load_reference(path, device)[0], tok, test, cfg,
+                                                        seed=cfg.seed)
+        print(f"{name}: realism meta {run.log['eval'][name]['realism_meta']:.4f}"
+              + (" (reference stage's)" if reuse else ""))
 
-    # ---- tables ----------------------------------------------------------------------------------
-    print(f"\nheld-out toy test scenes: {test.B}, {cfg.eval_R} rollouts each (WOSAC 2025 weights), seed {cfg.seed}")
-    rows = [n for n in R1_ROWS if n in log["eval"]]
-    print(E.format_table({n: log["eval"][n] for n in rows}))
+
+def print_r1_tables(run: Run, cfg: R1.R1Config, variants: tuple, n_test: int, runs: Path) -> None:
+    """This seed's table, RFT's training reward, the times, and the mean over every seed so far."""
+    print(f"\nheld-out toy test scenes: {n_test}, {cfg.eval_R} rollouts each (WOSAC 2025 weights), "
+          f"seed {cfg.seed}")
+    print(E.format_table({n: run.log["eval"][n] for n in R1_ROWS if n in run.log["eval"]}))
     for kind in variants:
-        h = log[f"rft_{kind}"]
+        h = run.log[f"rft_{kind}"]
         k = max(1, len(h) // 4)
         mean = lambda key, part: sum(e[key] for e in part) / len(part)
         print(f"RFT {kind}: training reward {mean('reward', h[:k]):.4f} (first {k} steps) -> "
               f"{mean('reward', h[-k:]):.4f} (last {k}); KL to SFT-1 {h[-1]['kl_exact']:.4f} (k3 "
               f"{h[-1]['kl']:.4f}); entropy {h[0]['entropy']:.3f} -> {h[-1]['entropy']:.3f}; "
               f"unscored sets {sum(e['n_nan_groups'] for e in h)}")
-    print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in log["wall_s"].items()))
-    print("CPU time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in log.get("cpu_s", {}).items()))
-    seeds = [json.loads(p.read_text()).get("eval", {}) for p in sorted((Path(args.runs) / "r1").glob("seed*/log.json"))
+    print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in run.log["wall_s"].items()))
+    print("CPU time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in run.log.get("cpu_s", {}).items()))
+    seeds = [json.loads(p.read_text()).get("eval", {}) for p in sorted((runs / "r1").glob("seed*/log.json"))
              if p.parent.name[4:].isdigit()]       # the seeds of the default schedule only
     seeds = [{n: e[n] for n in R1_ROWS if n in e} for e in seeds]
     if len(seeds) > 1:
         print(f"\nmean +- std over {len(seeds)} seeds (runs/r1/seed*):")
         print(R1.summary_table(seeds, E.TABLE_KEYS))
-    print(f"checkpoints: {out_dir}/*.pt\nlog and results: {log_path}")
-    return log["eval"]
+    print(f"checkpoints: {run.dir}/*.pt\nlog and results: {run.log_path}")
+
+
+def stage_r1(args) -> dict:
+    """SMART-R1 on the reference's toy scenes, the paper's split (r1_schedule): SFT-1 = N CAT-K
+    epochs from BC (the reference stage's CAT-K model when it is exactly that), RFT with MPO
+    against the frozen SFT-1, SFT-2 = N CAT-K epochs, and the control SFT-SFT = SFT-1 + N CAT-K
+    epochs (2N in both arms, the same rate schedule); with --variants also RFT with the GRPO-style
+    and the no-KL REINFORCE advantages, and the trajectory-matched control. Every model is scored on the held-out
+    test scenes with eval_R rollouts (one sampling seed for all). Writes runs/r1/seed<S>/*.pt and
+    log.json atomically after every epoch / few RFT steps (--resume skips finished sub-stages and
+    continues the current one); prints this seed's table and the mean over every seed run so far."""
+    device = pick_device(args.device)
+    cfg, stage = r1_config(args)
+    run = open_run(args, stage, marks=("log.json", "*.pt"))
+    ref_dir = Path(args.runs) / "reference"
+    bc_path, catk_path = ref_dir / "bc.pt", ref_dir / "catk.pt"
+    if not (bc_path.is_file() and catk_path.is_file()):
+        print(f"no reference checkpoints under {ref_dir}: training them first (the reference stage)")
+        stage_reference(args)
+    if "config" in run.log:
+        cfg = R1.R1Config(**run.log["config"])
+        R1.check_config(cfg)
+        print(f"--resume: continuing {run.dir} with its saved configuration")
+    else:
+        run.log = dict(config=asdict(cfg), reference=str(ref_dir), wall_s={}, eval={})
+    torch.manual_seed(cfg.seed)
+
+    # ---- data, the tokenizer, the SFT settings (the reference stage's CAT-K settings) ------------
+    ref_cfg = ReferenceStageConfig(**load_checkpoint(bc_path)["stage_cfg"])
+    data = load_splits(ref_cfg)
+    _, tok, _ = RM.load_reference(bc_path, device)
+    enc = {split: encode_split(tok, data[split]) for split in ("train", "val")}
+    n_train = data["train"].B
+    epochs = r1_schedule(cfg, n_train)
+    sft_cfg = replace(ref_cfg, seed=cfg.seed)      # train_phase's batch size, CAT-K top-k, clip, warm-up
+    sft_lr = ref_cfg.catk_lr if cfg.sft_lr is None else cfg.sft_lr
+    variants = ("mpo", "grpo", "reinforce") if args.variants else ("mpo",)
+    for kind in variants:
+        R1.variant_config(cfg, kind)            # a bad variant fails before any training
+    print(f"SMART-R1 from {ref_dir}: {n_train} training scenes; CAT-K epochs: SFT-1 {epochs['sft1']}, "
+          f"SFT-2 {epochs['sft2']}, SFT-SFT {epochs['sft1']} + {epochs['sftsft']}; RFT {cfg.rft_steps} "
+          f"steps x {cfg.scenes_per_step} scenes x M={cfg.M} rollouts in {cfg.groups} set(s); device {device}")
+    get_batch = functools.partial(train_batch, data["train"], enc["train"], device)
+    sft = functools.partial(sft_phase, run, tok=tok, data=data, enc=enc, cfg=sft_cfg, lr=sft_lr,
+                            device=device)
+    rft = functools.partial(rft_phase, run, cfg=cfg, tok=tok, get_batch=get_batch, n_train=n_train,
+                            device=device)
+    test = data["test"].to(device)
+    score = functools.partial(score_once, run, tok=tok, test=test, cfg=replace(ref_cfg, eval_R=cfg.eval_R),
+                              known=reference_scores(ref_dir, cfg.eval_R, test.B), device=device)
+
+    # ---- the schedule ----------------------------------------------------------------------------
+    sft1 = catk_path                           # the reference stage's CAT-K model when it is SFT-1 exactly
+    if ref_cfg.catk_epochs != epochs["sft1"] or sft_lr != ref_cfg.catk_lr:
+        with timed(run, "sft1"):
+            sft1 = sft("sft1", bc_path, epochs["sft1"])
+    with timed(run, "eval"):
+        score("BC", bc_path)
+        score("SFT", sft1)
+    if run.log.get("tau") is None:             # MPO's baseline: given, or SFT-1's mean training reward
+        if cfg.tau is not None:
+            run.log["tau"] = cfg.tau
+        else:
+            with timed(run, "tau"):
+                sft1_model = RM.load_reference(sft1, device)[0]
+                run.log["tau"] = R1.measure_tau(sft1_model, tok, get_batch, n_train, cfg)
+        run.write_log()
+    tau = run.log["tau"]
+    print(f"tau = {tau:.4f} ({'given' if cfg.tau is not None else 'SFT-1 mean reward on training scenes'}, "
+          f"M={cfg.M} rollouts in {cfg.groups} group(s))")
+    with timed(run, "rft_mpo"):
+        rft_mpo = rft("mpo", sft1, tau)
+    with timed(run, "eval"):
+        score("SFT-RFT", rft_mpo)
+    with timed(run, "sft2"):
+        sft2 = sft("sft2", rft_mpo, epochs["sft2"])
+    with timed(run, "eval"):
+        score("SFT-RFT-SFT", sft2)
+    with timed(run, "sftsft"):
+        sftsft = sft("sftsft", sft1, epochs["sftsft"])
+    with timed(run, "eval"):
+        score("SFT-SFT", sftsft)
+    if args.variants:                          # the old control: RFT's trajectories as CAT-K epochs
+        with timed(run, "sftsft_traj"):
+            traj = sft("sftsft_traj", sft1, epochs["sftsft_traj"])
+        with timed(run, "eval"):
+            score("SFT-SFT (trajectory-matched)", traj)
+    for kind, name in R1_VARIANTS:
+        if kind in variants:
+            with timed(run, f"rft_{kind}"):
+                path = rft(kind, sft1, tau)
+            with timed(run, "eval"):
+                score(name, path)
+    print_r1_tables(run, cfg, variants, test.B, Path(args.runs))
+    return run.log["eval"]
 
 
 # --------------------------------------------------------------------------------------------
-# Entry point
+# The eval stage and the entry point
 # --------------------------------------------------------------------------------------------
 def stage_eval(args) -> dict:
     """Every method side by side (evaluate.run_eval): the held-out toy test scenes and the real
     WOMD examples where present, R = 32 rollouts each; runs/eval/results.{md,json} and pictures.
-    A method whose checkpoint is missing is listed as missing. --quick scores 4 toy scenes x 4."""
-    device = pick_device(args.device)
-    q = dict(R=4, n_test=4) if args.quick else {}
-    return E.run_eval(args.runs, device, seed=args.seed, **q)
+    A method whose checkpoint is missing is listed as missing. --quick: EVAL_QUICK."""
+    quick = EVAL_QUICK if args.quick else {}
+    return E.run_eval(args.runs, pick_device(args.device), seed=args.seed, **quick)
 
 
 STAGES = {"reference": stage_reference, "spacer": stage_spacer, "r1": stage_r1, "eval": stage_eval}
@@ -650,36 +920,18 @@ ORDER = ("reference", "spacer", "r1", "eval")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stage", required=True, help="reference | spacer | r1 | eval | all")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
-    p.add_argument("--runs", default="runs", help="folder for checkpoints and logs")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last saved epoch")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny sizes for smoke tests (about a minute)")
-    p.add_argument("--anchor", default="spacer", choices=("spacer", "ppo", "hr-ppo"), help="spacer stage: which anchoring")
-    p.add_argument("--alpha", type=float, default=None, help="spacer stage: likelihood-reward weight (ablations)")
-    p.add_argument("--beta", type=float, default=None, help="spacer stage: KL-to-reference weight (ablations)")
-    p.add_argument("--iterations", type=int, default=None, help="spacer stage: PPO iterations (default: config)")
-    p.add_argument("--hidden", type=int, default=None, help="spacer stage: the policy's fused hidden width (default: config)")
-    p.add_argument("--variants", action="store_true",
-                   help="r1 stage: also RFT with GRPO-style and no-KL advantages, and the trajectory-matched control")
-    p.add_argument("--rft-lr", type=float, default=None, help="r1 stage: RFT learning rate (default: config); "
-                   "writes runs/r1/seed<S>_lr<LR>")
-    args = p.parse_args(argv)
-    todo = list(ORDER) if args.stage == "all" else [args.stage]
-    unknown = [s for s in todo if s not in ORDER]
-    if unknown:
-        print(f"train.py: unknown stage {unknown[0]!r}; choose one of {', '.join(ORDER)} or all", file=sys.stderr)
-        return 2
-    if args.stage == "all":
-        args.resume = True                 # the main job picks up whatever an earlier run finished
-    for stage in todo:
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:             # argparse has printed the usage and what is wrong with which flag
+        return stop.code
+    for stage in (ORDER if args.stage == "all" else (args.stage,)):
         if stage == "spacer" and args.stage == "all":  # the table's three rows: two baselines and SPACeR
             for anchor in ("ppo", "hr-ppo", "spacer"):
-                stage_spacer(argparse.Namespace(**{**vars(args), "anchor": anchor}))
+                with finite_steps(f"spacer --anchor {anchor}"):
+                    stage_spacer(argparse.Namespace(**{**vars(args), "anchor": anchor}))
         else:
-            STAGES[stage](args)
+            with finite_steps(stage):
+                STAGES[stage](args)
     return 0
 
 

@@ -364,9 +364,7 @@ def trim(scenes: Scenes, tokens: dict | None = None) -> tuple:
 
 
 def load_splits(cfg: ReferenceStageConfig) -> dict:
-    """Toy train / val / test splits (generated once, then cached on disk by scenes.toy_dataset)."""
-    if not hasattr(S, "toy_dataset"):
-        raise SystemExit("scenes.toy_dataset is not available: the toy scene generator is missing")
+    """Toy train / val / test splits (generated once, then cached on disk by toy_scenes.toy_dataset)."""
     sizes = dict(train=cfg.n_train, val=cfg.n_val, test=cfg.n_test)
     return {split: toy_dataset(split, n, seed=cfg.data_seed, cache_dir=cfg.cache_dir)
             for split, n in sizes.items()}

@@ -48,7 +48,6 @@ import ppo_anchor as PA
 import r1_finetune as R1
 import reference_model as RM
 import scenes as S
-import train
 import wosac_metrics as wm
 from env import EnvConfig, MultiAgentEnv
 from evaluate import sync
@@ -218,7 +217,7 @@ def default_reference(scenes, device, seed: int = 0) -> tuple:
 
 
 def trimmed(scenes):
-    return train.trim(scenes)[0]
+    return S.trim(scenes)[0]
 
 
 def bench_training(toy, model, tok, device, batch: int = 16, repeats: int = 3) -> dict:

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import pictures
 import ppo_anchor
 import reference_model
 from env import EnvConfig, MultiAgentEnv
-from geometry import box_corners
 from human_driver import HumanDriver
-from scenes import CROSSWALK, DT, LANE, NOW, ROAD_EDGE, T, Scenes, save_atomic
+from scenes import DT, NOW, T, Scenes, save_atomic
 from toy_scenes import make_toy_scenes, toy_dataset
 from womd import find_womd_examples, load_womd_dir
 from wosac_metrics import dataset_means, score_rollouts, trajectory_features
@@ -131,107 +131,78 @@ def format_table(results: dict, keys=TABLE_KEYS) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------
-# Pictures
-# --------------------------------------------------------------------------------------------
-def _draw_map(ax, scenes: Scenes, b: int):
-    s = scenes.select([b])
-    ok = s.seg_valid[0]
-    for kind, style in ((LANE, dict(color="0.8", lw=0.6, ls="--")), (ROAD_EDGE, dict(color="k", lw=1.2)),
-                        (CROSSWALK, dict(color="tab:orange", lw=0.8))):
-        m = ok & (s.seg_type[0] == kind)
-        a, e = s.seg_start[0, m, :2].cpu(), s.seg_end[0, m, :2].cpu()          # [S', 2]
-        for p, q in zip(a.tolist(), e.tolist()):
-            ax.plot([p[0], q[0]], [p[1], q[1]], **style)
+SPACER_COLUMNS = ("realism_meta", "kinematic", "interactive", "map_based", "min_ade", "collision_rate",
+                  "offroad_rate", "goal_rate", "scenarios_per_s", "policy_only_scenarios_per_s", "n_params",
+                  "entropy", "kl_ref", "logp_ref_exec")
+TRAIN_COLUMNS = ("entropy", "kl_ref", "logp_ref_exec")  # training diagnostics, mean of the last 5 iterations
 
 
-def plot_rollouts(path, scenes: Scenes, rollouts: dict, b: int = 0, n_show: int = 4) -> None:
-    """A scene's map with the log and a few rollouts of each method, side by side.
-    rollouts: method name -> fut_pos [B, R, A, 80, 2]."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = ["log"] + list(rollouts)
-    cols = min(5, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4.2 * rows), squeeze=False)
-    for ax in axes.flat[len(names):]:
-        ax.axis("off")
-    sim = scenes.valid[b, :, NOW] & scenes.controlled[b]                       # [A]
-    centre = scenes.pos[b, sim, NOW].mean(0).cpu() if sim.any() else torch.zeros(2)
-    for ax, name in zip(axes.flat, names):
-        _draw_map(ax, scenes, b)
-        hist = scenes.pos[b, :, :NOW + 1].cpu()                                # [A, 11, 2]
-        if name == "log":
-            trajs = scenes.pos[b, :, NOW:].cpu()[None]                         # [1, A, 81, 2]
-        else:
-            trajs = rollouts[name][b, :n_show].cpu()                           # [r, A, 80, 2]
-        for i in torch.nonzero(sim).flatten().tolist():
-            ax.plot(hist[i, :, 0], hist[i, :, 1], color="0.3", lw=1.5)
-            for r in range(trajs.shape[0]):
-                ax.plot(trajs[r, i, :, 0], trajs[r, i, :, 1], lw=0.8, alpha=0.7, color=f"C{i % 10}")
-        ax.set_title(name)
-        ax.set_aspect("equal")
-        ax.set_xlim(centre[0] - 60, centre[0] + 60)
-        ax.set_ylim(centre[1] - 60, centre[1] + 60)
-        ax.set_xticks([]); ax.set_yticks([])
-    fig.suptitle(f"scene {scenes.scene_id[b]}: history (grey), {n_show} rollouts per method")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+def spacer_table(spacer_dir: Path) -> str:
+    """The SPACeR table: every finished run under runs/spacer and the reference, one row each."""
+    rows = {}
+    for log_path in sorted(spacer_dir.glob("*/log.json")):
+        log = json.loads(log_path.read_text())
+        if "eval" in log:
+            tail = log.get("history", [])[-5:]
+            train = {k: sum(h[k] for h in tail) / len(tail) for k in TRAIN_COLUMNS if tail and k in tail[0]}
+            rows[log_path.parent.name] = {**log["eval"], **train, "n_params": log["n_params"]}
+    lines = ["| method | " + " | ".join(SPACER_COLUMNS) + " |", "|---" * (len(SPACER_COLUMNS) + 1) + "|"]
+    fmt = lambda k, v: "-" if v is None else f"{v:,.0f}" if k == "n_params" else f"{v:.1f}" \
+        if k.endswith("_per_s") else f"{v:.4f}"
+    for name, m in rows.items():
+        lines.append(f"| {name} | " + " | ".join(fmt(k, m.get(k)) for k in SPACER_COLUMNS) + " |")
+    return "\n".join(lines)
 
 
-def animate_rollout(path, scenes: Scenes, fut_pos, fut_yaw, b: int = 0, r: int = 0, every: int = 2) -> None:
-    """A GIF of one rollout: boxes moving over the map. fut_pos [B, R, A, 80, 2], fut_yaw [B, R, A, 80]."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.animation import FuncAnimation, PillowWriter
-    fig, ax = plt.subplots(figsize=(5, 5))
-    _draw_map(ax, scenes, b)
-    sim = (scenes.valid[b, :, NOW] & scenes.controlled[b]).cpu()               # [A]
-    pos, yaw = fut_pos[b, r].cpu(), fut_yaw[b, r].cpu()                        # [A, 80, 2], [A, 80]
-    size = scenes.size[b].cpu()                                                # [A, 3]
-    centre = pos[sim, 0].mean(0) if sim.any() else torch.zeros(2)
-    ax.set_xlim(centre[0] - 60, centre[0] + 60); ax.set_ylim(centre[1] - 60, centre[1] + 60)
-    ax.set_aspect("equal"); ax.set_xticks([]); ax.set_yticks([])
-    patches = [ax.fill([0], [0], color=f"C{i % 10}", alpha=0.8)[0] for i in range(pos.shape[0])]
-
-    def frame(t):
-        corners = box_corners(pos[:, t], yaw[:, t], size[:, 0], size[:, 1])  # [A, 4, 2]
-        for i, p in enumerate(patches):
-            p.set_xy(corners[i].numpy() if sim[i] else [[0, 0]])
-        ax.set_title(f"t = {(t + 1) * DT:.1f} s")
-        return patches
-
-    anim = FuncAnimation(fig, frame, frames=range(0, pos.shape[1], every), blit=False)
-    anim.save(path, writer=PillowWriter(fps=10 // every))
-    plt.close(fig)
+def seed_table(evals: list, keys: tuple) -> str:
+    """Markdown table of mean +- std over seeds: evals is a list (one per seed) of
+    {row name: {metric: value}}; a row is shown with the seeds that have it."""
+    rows = list(dict.fromkeys(name for e in evals for name in e))
+    lines = ["| model | seeds | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for name in rows:
+        have = [e[name] for e in evals if name in e]
+        vals = torch.tensor([[m.get(k, math.nan) for k in keys] for m in have],
+                            dtype=torch.float64)                               # [seeds, keys]
+        std = vals.std(0) if len(vals) > 1 else torch.zeros(len(keys), dtype=torch.float64)  # [keys]
+        cells = ["-" if math.isnan(m) else f"{m:.4f} +- {s:.4f}" if len(vals) > 1 else f"{m:.4f}"
+                 for m, s in zip(vals.mean(0).tolist(), std.tolist())]  # a metric a seed did not log: "-"
+        lines.append(f"| {name} | {len(vals)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def plot_curves(path, logs: dict) -> None:
-    """Training curves: logs maps a title to {series name: list of values}."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    logs = {k: {n: ys for n, ys in v.items() if ys} for k, v in logs.items()}
-    logs = {k: v for k, v in logs.items() if v}
-    if not logs:
-        return
-    fig, axes = plt.subplots(1, len(logs), figsize=(4.5 * len(logs), 3.5), squeeze=False)
-    for ax, (title, series) in zip(axes[0], logs.items()):
-        for name, ys in series.items():
-            ys = [y for y in ys if y is not None and not (isinstance(y, float) and math.isnan(y))]
-            if ys:
-                ax.plot(range(1, len(ys) + 1), ys, label=name)
-        ax.set_title(title); ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+def t95(n: int) -> float:
+    """Two-sided 95 % Student-t quantile with n - 1 degrees of freedom (n = 2..10; 1.96 beyond)."""
+    return {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306,
+            10: 2.262}.get(n, 1.96)
 
 
-# --------------------------------------------------------------------------------------------
-# The eval stage: every checkpoint under the runs folder, on the same scenes, one table
+def paired_difference(a: list, b: list) -> dict:
+    """The paired per-seed difference a - b (same seeds, same order): mean, std, the 95 % interval
+    of the mean (Student t) and the per-seed values."""
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)  # [seeds]
+    n = len(d)
+    std = float(d.std()) if n > 1 else math.nan
+    half = t95(n) * std / math.sqrt(n) if n > 1 else math.nan
+    return dict(mean=float(d.mean()), std=std, lo=float(d.mean()) - half, hi=float(d.mean()) + half,
+                per_seed=d.tolist(), n=n)
+
+
+def paired_table(evals: list, pairs: tuple, keys: tuple) -> str:
+    """Markdown table of paired differences over seeds: evals is a list (one per seed) of
+    {row name: {metric: value}}; pairs are (a, b) row names; only seeds that have both count."""
+    lines = ["| difference | seeds | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for a, b in pairs:
+        both = [e for e in evals if a in e and b in e]
+        if len(both) < 2:
+            continue
+        cells = []
+        for k in keys:
+            d = paired_difference([e[a][k] for e in both], [e[b][k] for e in both])
+            cells.append(f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]")
+        lines.append(f"| {a} - {b} | {len(both)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # (row name, checkpoint under runs/, kind). Kinds: "cv" constant velocity, "human" the toy driver,
 # "reference" a reference_model checkpoint, "policy" a ppo_anchor policy.
@@ -336,7 +307,7 @@ def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int 
         n = next((m["n_scenes"] for m in table.values() if isinstance(m, dict)), 0)
         md += [f"## {'held-out toy test scenes' if suite == 'toy' else 'real WOMD example scenes'} ({n})", "",
                format_table(table), ""]
-    pictures = []
+    written = []
     for suite, scenes in suites.items():                       # a few fresh rollouts of scene 0 per method
         scene0 = scenes.select([0]).to(device)
         shown = {}
@@ -345,21 +316,22 @@ def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int 
                 fn, _ = rollout_fn(kind, runs / rel.format(seed=seed) if rel else None, runs, device, seed)
                 pos, _, yaw = fn(scene0, 4)                    # [1, 4, A, 80, 2], _, [1, 4, A, 80]
                 shown[name] = (pos.cpu(), yaw.cpu())
-        plot_rollouts(out_dir / f"rollouts_{suite}.png", scene0.to("cpu"), {k: v[0] for k, v in shown.items()})
-        pictures.append(out_dir / f"rollouts_{suite}.png")
+        pictures.plot_rollouts(out_dir / f"rollouts_{suite}.png", scene0.to("cpu"),
+                               {k: v[0] for k, v in shown.items()})
+        written.append(out_dir / f"rollouts_{suite}.png")
         best = next((k for k in ("SPACeR", "SFT-RFT-SFT", "CAT-K", "BC", "human driver") if k in shown), None)
         if best is not None:
             p = out_dir / f"rollout_{suite}_{best.replace(' ', '_')}.gif"
-            animate_rollout(p, scene0.to("cpu"), *shown[best])
-            pictures.append(p)
+            pictures.animate_rollout(p, scene0.to("cpu"), *shown[best])
+            written.append(p)
     p = out_dir / "training_curves.png"
-    plot_curves(p, training_curves(runs, seed))
+    pictures.plot_curves(p, training_curves(runs, seed))
     if p.is_file():
-        pictures.append(p)
-    md += ["Pictures: " + ", ".join(f"`{q.name}`" for q in pictures), ""]
+        written.append(p)
+    md += ["Pictures: " + ", ".join(f"`{q.name}`" for q in written), ""]
     (out_dir / "results.md").write_text("\n".join(md))
     print("\n".join(md))
-    print(f"results: {out_dir / 'results.md'}, {res_path}\npictures: {', '.join(str(q) for q in pictures)}")
+    print(f"results: {out_dir / 'results.md'}, {res_path}\npictures: {', '.join(str(q) for q in written)}")
     return results
 
 
@@ -491,3 +463,23 @@ def env_report(argv=None) -> None:
 
 if __name__ == "__main__":
     env_report()
+
+
+# ----- scores kept in a stage's log (train.py's reference and r1 stages) -----
+def evaluate_model(model, tok, scenes: Scenes, cfg, seed: int) -> dict:
+    """WOSAC metrics, goal rate and rollout scenarios per second of R sampled rollouts per scene."""
+    gen = torch.Generator(device=scenes.device).manual_seed(seed)
+    roll = reference_rollout(model, tok, cfg.eval_top_k, cfg.eval_temperature, cfg.eval_worlds, gen)
+    return score_method(roll, scenes, cfg.eval_R, batch=scenes.B)
+
+
+def reference_scores(ref_dir: Path, R: int, n_test: int) -> dict:
+    """{checkpoint: its scores} for BC and CAT-K from the reference stage's log, when it scored them
+    the same way (seed, R, test scenes) after they were last written."""
+    ref_log, bc_path, catk_path = ref_dir / "log.json", ref_dir / "bc.pt", ref_dir / "catk.pt"
+    ref_eval = json.loads(ref_log.read_text()).get("eval", {}) if ref_log.is_file() else {}
+    if ref_eval.get("R") != R or ref_eval.get("n_test") != n_test \
+            or ref_log.stat().st_mtime < max(bc_path.stat().st_mtime, catk_path.stat().st_mtime):
+        return {}
+    results = ref_eval.get("results", {})
+    return {bc_path: results.get("BC"), catk_path: results.get("CAT-K")}

@@ -374,17 +374,3 @@ def train_rft(model, sft, tok, get_batch, n_train: int, cfg: R1Config, tau: floa
 # --------------------------------------------------------------------------------------------
 # Results across seeds
 # --------------------------------------------------------------------------------------------
-def summary_table(evals: list, keys: tuple) -> str:
-    """Markdown table of mean +- std over seeds: evals is a list (one per seed) of
-    {row name: {metric: value}}; a row is shown with the seeds that have it."""
-    rows = list(dict.fromkeys(name for e in evals for name in e))
-    lines = ["| model | seeds | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
-    for name in rows:
-        have = [e[name] for e in evals if name in e]
-        vals = torch.tensor([[m.get(k, math.nan) for k in keys] for m in have],
-                            dtype=torch.float64)                               # [seeds, keys]
-        std = vals.std(0) if len(vals) > 1 else torch.zeros(len(keys), dtype=torch.float64)  # [keys]
-        cells = ["-" if math.isnan(m) else f"{m:.4f} +- {s:.4f}" if len(vals) > 1 else f"{m:.4f}"
-                 for m, s in zip(vals.mean(0).tolist(), std.tolist())]  # a metric a seed did not log: "-"
-        lines.append(f"| {name} | {len(vals)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

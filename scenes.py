@@ -131,6 +131,43 @@ def collate(batches: list) -> Scenes:
 
 
 
+AGENT_FIELDS = ("pos", "z", "yaw", "vel", "valid", "size", "agent_type", "controlled", "eval_mask", "goal",
+                "route", "route_valid", "style")
+SEG_FIELDS = ("seg_start", "seg_end", "seg_type", "seg_code", "seg_poly", "seg_prev", "seg_next", "seg_valid")
+
+
+def trim(scenes: Scenes, tokens: dict | None = None) -> tuple:
+    """Drop trailing padding agents and map segments of a batch (a dataset is padded to its largest
+    scene; a batch rarely needs that much). tokens [B, A, ...] are trimmed alongside."""
+    any_agent = scenes.valid.any(-1).any(0)                                    # [A]
+    A = int(any_agent.nonzero().max()) + 1 if bool(any_agent.any()) else 1
+    any_seg = scenes.seg_valid.any(0)                                          # [S]
+    Sn = int(any_seg.nonzero().max()) + 1 if bool(any_seg.any()) else 1
+    t = scenes.tensors()
+    unknown = set(t) - set(AGENT_FIELDS) - set(SEG_FIELDS) - {"tl_lane", "tl_state", "tl_stop"}
+    if unknown:
+        raise ValueError(f"scenes.trim: Scenes fields {sorted(unknown)} are not classified as agent or map "
+                         "fields")
+    for name in AGENT_FIELDS:
+        t[name] = t[name][:, :A]                                               # [B, A', ...]
+    for name in SEG_FIELDS:
+        t[name] = t[name][:, :Sn]                                              # [B, S', ...]
+    out = Scenes(**t, scene_id=list(scenes.scene_id))
+    return out, (None if tokens is None else {k: v[:, :A] for k, v in tokens.items()})
+
+
+def batches(n: int, size: int, shuffle: bool, gen=None) -> list:
+    """Index batches over n scenes, shuffled by `gen` or in order."""
+    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)  # [n]
+    return [order[i:i + size] for i in range(0, n, size)]
+
+
+def batch_of(split: Scenes, enc: dict, device, idx) -> tuple:
+    """Scenes `idx` of a split, trimmed, on `device`, with their log tokens (enc [B, A, ...] each)."""
+    s, tk = trim(split.select(idx), {k: v[idx] for k, v in enc.items()})
+    return s.to(device), {k: v.to(device) for k, v in tk.items()}
+
+
 def save_atomic(obj, path) -> None:
     """The one way files are written: to a temporary file, then renamed, so a crash never leaves
     half a file. A `.json` path gets JSON text, anything else `torch.save`."""
@@ -214,7 +251,8 @@ def scene_from_numpy(scene_id: str, agents: dict, segments: dict, tl: dict | Non
     goal = agents["pos"][np.arange(A), last]                      # [A, 2]
     S = segments["seg_start"].shape[0]
     if tl is None or len(tl.get("lane", [])) == 0:
-        tl = dict(lane=np.zeros((0,), np.int64), state=np.zeros((0, T), np.int64), stop=np.zeros((0, T, 2), np.float32))
+        tl = dict(lane=np.zeros((0,), np.int64), state=np.zeros((0, T), np.int64),
+                  stop=np.zeros((0, T, 2), np.float32))
     if route is None:
         route, route_valid = np.zeros((A, 1, 2), np.float32), np.zeros((A, 1), bool)
     if style is None:

@@ -391,6 +391,13 @@ class MotionTokenizer:
         return dict(ids=ids, id_valid=id_valid, pose=pose, pose_valid=valid)
 
     # ---- checkpointing ----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_split(self, data: Scenes, chunk: int = 64) -> dict:
+        """encode over a whole dataset in chunks of scenes, on the tokenizer's device, kept on CPU."""
+        parts = [self.encode(data.select(slice(i, i + chunk)).to(self.device))
+                 for i in range(0, data.B, chunk)]
+        return {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]}   # [B, A, ...] each
+
     def state_dict(self) -> dict:
         return {"table": self.table.detach().cpu(), "cfg": asdict(self.cfg), "tol_used": self.tol_used}
 

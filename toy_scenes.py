@@ -591,3 +591,9 @@ def toy_dataset(split: str, n: int, seed: int = 0, cache_dir="data", cfg: ToyCon
     scenes = make_toy_scenes(n, seed + 1_000_003 * (_TOY_SPLITS.index(split) + 1), cfg)
     save_scenes(scenes, path)
     return scenes
+
+
+def toy_splits(n_train: int, n_val: int, n_test: int, seed: int, cache_dir="data") -> dict:
+    """The train / val / test splits of the toy dataset (generated once, then cached on disk)."""
+    sizes = dict(train=n_train, val=n_val, test=n_test)
+    return {split: toy_dataset(split, n, seed=seed, cache_dir=cache_dir) for split, n in sizes.items()}

@@ -24,29 +24,20 @@ all        reference, spacer (PPO, HR-PPO, SPACeR), r1 and eval in order, resumi
     python train.py --stage reference --resume     # continue from the last saved epoch
     python train.py --stage reference --overwrite  # start over where an earlier run's files are
 
-Nothing lost, nothing silent. A fresh run over a folder that holds an earlier run's files stops
-and names --resume and --overwrite; with --overwrite the earlier files are removed only when the
-new run writes its first file, so a run that fails before doing any work leaves them as they
-were. Flags are checked when parsed (a bad value names its flag, before any work or folder). A
-non-finite loss or gradient stops training with the stage, step and term, and no checkpoint
-with a non-finite tensor is ever written, so the last good one survives for --resume.
+Nothing lost, nothing silent: the bookkeeping (refusing to overwrite, --resume, finite checks,
+flags checked when parsed) lives in runs.py so that each stage reads as its algorithm.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import itertools
-import json
 import math
-import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 from tqdm import tqdm
 
 import evaluate as E
@@ -54,9 +45,12 @@ import ppo_anchor as PA
 import r1_finetune as R1
 import reference_model as RM
 import scenes as S
+from runs import (Run, check_finite, device_flag, finite_steps, load_checkpoint, number, open_run,
+                  pick_device, print_r1_tables, save_policy, save_reference, save_rft, score_once,
+                  score_reference_once, timed)
 from scenes import Scenes
 from tokenizer import MotionTokenizer, TokenizerConfig
-from toy_scenes import toy_dataset
+from toy_scenes import toy_splits
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,46 +113,9 @@ R1_QUICK = dict(M=4, groups=1, grpo_groups=4, scenes_per_step=2, rft_steps=3, ta
 EVAL_QUICK = dict(R=4, n_test=4)
 
 
-def r1_schedule(cfg: R1.R1Config, n_train: int) -> dict:
-    """CAT-K epochs of SMART-R1's SFT sub-stages, the paper's split (r1_finetune.schedule): SFT-1 =
-    N epochs from BC, SFT-2 = N after RFT, the SFT-SFT control = SFT-1 + N (2N in both arms), and
-    with --variants the trajectory-matched control (SFT-1 + RFT's trajectories + N)."""
-    return R1.schedule(cfg, n_train)
-
-
 # --------------------------------------------------------------------------------------------
 # Flags: every value checked when parsed, the error naming the flag
 # --------------------------------------------------------------------------------------------
-def number(cast, low: float, strict: bool = False):
-    """An argparse type: a finite number >= low (> low when strict)."""
-    def parse(text: str):
-        try:
-            x = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if cast is int else 'a number'}")
-        if not math.isfinite(x) or x < low or (strict and x == low):
-            bound = f"{'>' if strict else '>='} {low}"
-            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
-        return x
-    return parse
-
-
-def device_flag(name: str) -> str:
-    """An argparse type: auto, cpu, or cuda / cuda:N when that CUDA device exists."""
-    if name in ("auto", "cpu"):
-        return name
-    m = re.fullmatch(r"cuda(?::(\d+))?", name)
-    if m is None:
-        raise argparse.ArgumentTypeError(f"{name!r} is not a device this project runs on; "
-                                         "use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{name}: no CUDA device is available; use auto or cpu")
-    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{name}: there are {torch.cuda.device_count()} CUDA device(s), "
-                                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return name
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
     p.add_argument("--stage", required=True, choices=(*ORDER, "all"),
@@ -194,200 +151,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 # --------------------------------------------------------------------------------------------
 # Run folders: resume bookkeeping, finite checks, the one way a stage writes
 # --------------------------------------------------------------------------------------------
-RUN_FILES = ("*.pt", "log.json")           # what a stage writes into its run folder
-
-
-def check_finite(value, what: str) -> None:
-    """Raise FloatingPointError naming `what` (and the entry inside it) when a tensor or a float in
-    `value` (or in the dicts, lists and tuples it holds) is NaN or infinite."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            check_finite(v, f"{what}[{k!r}]")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            check_finite(v, f"{what}[{i}]")
-    elif isinstance(value, torch.Tensor) and value.is_floating_point():
-        if not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise FloatingPointError(f"{what} is not finite ({value.item() if value.numel() == 1 else bad})")
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise FloatingPointError(f"{what} is not finite ({value})")
-
-
-def check_gradients(stage: str, steps, optimizer, args, kwargs) -> None:
-    """An optimizer step pre-hook: the gradients' norm must be finite (one NaN gradient makes every
-    weight NaN, and clip_grad_norm_ passes a NaN norm on without a word)."""
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if grads:
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))  # []
-        check_finite(norm, f"{stage}: optimizer step {next(steps)} of this run: the gradient norm")
-
-
-@contextlib.contextmanager
-def finite_steps(stage: str):
-    """Check the gradients before every optimizer step taken inside: train_phase's, and those that
-    ppo_anchor (PPO, HR-PPO's teacher) and r1_finetune (RFT) take in their own loops."""
-    hook = register_optimizer_step_pre_hook(functools.partial(check_gradients, stage, itertools.count(1)))
-    try:
-        yield
-    finally:
-        hook.remove()
-
-
-@dataclass
-class Run:
-    """A stage's run folder: its log (log.json, kept in memory and written whole) and the one way a
-    stage writes there."""
-    stage: str                    # e.g. "reference", "spacer/ppo", "r1/seed0": names the run in messages
-    dir: Path
-    log: dict
-    resumed: bool                 # --resume found saved work: its checkpoints are continued
-    stale: list = field(default_factory=list)  # an earlier run's files, removed at this run's first write
-    writer: bool = True           # False on every process but rank 0 when several train together
-
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "log.json"
-
-    def checkpoint(self, name: str, device="cpu") -> dict | None:
-        """The saved checkpoint `name` to continue, or None (a fresh run never reads an earlier run's)."""
-        path = self.dir / name
-        if not (self.resumed and path.is_file()):
-            return None
-        return torch.load(path, map_location=device, weights_only=True)
-
-    def clear_stale(self) -> None:
-        for path in self.stale:
-            path.unlink(missing_ok=True)
-        self.stale = []
-
-    def write_log(self) -> None:
-        if self.writer:
-            self.clear_stale()
-            E.write_json(self.log_path, self.log)
-
-    def save(self, path: Path, write, **states) -> None:
-        """Write a checkpoint with write(path) (an atomic save) once every tensor in `states` is
-        finite: non-finite weights are refused, so the last good checkpoint survives."""
-        for name, state in states.items():
-            check_finite(state, f"{self.stage}: not saving {path} (the last one saved stays): {name}")
-        if self.writer:
-            self.clear_stale()
-            write(path)
-
-
-def open_run(args, stage: str, marks: tuple) -> Run:
-    """The run folder runs/<stage>. With --resume and one of `marks` (the files that hold work to
-    continue) present, the saved log is read and the checkpoints are continued. Otherwise the run is
-    fresh, and never removes finished work before doing any: over an earlier run's files it stops
-    and names --resume and --overwrite; with --overwrite they go at the new run's first write."""
-    out_dir = Path(args.runs) / stage
-    earlier = sorted(p for pattern in RUN_FILES for p in out_dir.glob(pattern))
-    if args.resume and any(any(out_dir.glob(m)) for m in marks):
-        log_path = out_dir / "log.json"
-        if not log_path.is_file():
-            print(f"--resume: {log_path} is missing: continuing from the checkpoints, the log's history "
-                  "starts fresh")
-        log = json.loads(log_path.read_text()) if log_path.is_file() else {}
-        return Run(stage, out_dir, log, resumed=True)
-    if args.resume:
-        print(f"--resume: nothing saved under {out_dir}; starting from scratch")
-    elif earlier and not args.overwrite:
-        raise SystemExit(f"{out_dir} holds an earlier run ({', '.join(p.name for p in earlier)}): pass "
-                         "--resume to continue it, or --overwrite to replace it (its files are removed when "
-                         "the new run writes its first file)")
-    return Run(stage, out_dir, {}, resumed=False, stale=earlier)
-
-
-@contextlib.contextmanager
-def timed(run: Run, name: str):
-    """Add the block's wall and CPU seconds to the log under `name` (the machine may be shared)."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    yield
-    wall, cpu = run.log["wall_s"], run.log.setdefault("cpu_s", {})
-    wall[name] = wall.get(name, 0.0) + time.perf_counter() - t0
-    cpu[name] = cpu.get(name, 0.0) + time.process_time() - c0
-    run.write_log()
-
-
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def save_reference(run: Run, path: Path, model, tok: MotionTokenizer, **extra) -> None:
-    """A reference-model checkpoint (reference_model.save_checkpoint), weights and optimizer checked."""
-    run.save(path, lambda p: RM.save_checkpoint(p, model, tok, **extra), model=model.state_dict(),
-             optimizer=extra.get("optimizer"))
-
-
-def save_policy(run: Run, state: dict) -> None:
-    """ppo_anchor.train's checkpoint (policy, optimizer, iteration, history, RNG), weights checked."""
-    run.save(run.dir / "policy.pt", functools.partial(PA.save_atomic, state), policy=state["policy"],
-             optimizer=state["optimizer"])
-
-
 # --------------------------------------------------------------------------------------------
 # Data: toy splits, batches, learning-rate schedule
 # --------------------------------------------------------------------------------------------
-AGENT_FIELDS = ("pos", "z", "yaw", "vel", "valid", "size", "agent_type", "controlled", "eval_mask", "goal",
-                "route", "route_valid", "style")
-SEG_FIELDS = ("seg_start", "seg_end", "seg_type", "seg_code", "seg_poly", "seg_prev", "seg_next", "seg_valid")
-
-
-def trim(scenes: Scenes, tokens: dict | None = None) -> tuple:
-    """Drop trailing padding agents and map segments of a batch (a dataset is padded to its largest
-    scene; a batch rarely needs that much). tokens [B, A, ...] are trimmed alongside."""
-    any_agent = scenes.valid.any(-1).any(0)                                    # [A]
-    A = int(any_agent.nonzero().max()) + 1 if bool(any_agent.any()) else 1
-    any_seg = scenes.seg_valid.any(0)                                          # [S]
-    Sn = int(any_seg.nonzero().max()) + 1 if bool(any_seg.any()) else 1
-    t = scenes.tensors()
-    unknown = set(t) - set(AGENT_FIELDS) - set(SEG_FIELDS) - {"tl_lane", "tl_state", "tl_stop"}
-    if unknown:
-        raise ValueError(f"train.trim: Scenes fields {sorted(unknown)} are not classified as agent or map "
-                         "fields")
-    for name in AGENT_FIELDS:
-        t[name] = t[name][:, :A]                                               # [B, A', ...]
-    for name in SEG_FIELDS:
-        t[name] = t[name][:, :Sn]                                              # [B, S', ...]
-    out = Scenes(**t, scene_id=list(scenes.scene_id))
-    return out, (None if tokens is None else {k: v[:, :A] for k, v in tokens.items()})
-
-
-def load_splits(cfg: ReferenceStageConfig) -> dict:
-    """Toy train / val / test splits (generated once, then cached on disk by toy_scenes.toy_dataset)."""
-    sizes = dict(train=cfg.n_train, val=cfg.n_val, test=cfg.n_test)
-    return {split: toy_dataset(split, n, seed=cfg.data_seed, cache_dir=cfg.cache_dir)
-            for split, n in sizes.items()}
-
-
-@torch.no_grad()
-def encode_split(tok: MotionTokenizer, data: Scenes, chunk: int = 64) -> dict:
-    """tok.encode over a whole split, in chunks of scenes, on the tokenizer's device, kept on CPU."""
-    parts = [tok.encode(data.select(slice(i, i + chunk)).to(tok.device)) for i in range(0, data.B, chunk)]
-    return {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]}       # [B, A, ...] each
-
-
-def batches(n: int, size: int, shuffle: bool, gen=None) -> list:
-    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)  # [n]
-    return [order[i:i + size] for i in range(0, n, size)]
-
-
-def train_batch(split: Scenes, enc: dict, device, idx) -> tuple:
-    """Scenes `idx` of a split, trimmed, on `device`, with their log tokens."""
-    s, tk = trim(split.select(idx), {k: v[idx] for k, v in enc.items()})
-    return s.to(device), {k: v.to(device) for k, v in tk.items()}
-
-
 def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
     """Linear warm-up, then cosine decay to zero."""
     warm = max(1, int(warmup_frac * total))
@@ -410,8 +179,8 @@ def validate(model, data: Scenes, enc: dict, cfg: ReferenceStageConfig, device) 
     """Teacher-forced BC loss (with the training smoothing) and token accuracy on held-out scenes."""
     model.eval()
     tot_loss = tot_acc = 0.0
-    for idx in batches(data.B, cfg.batch_size, shuffle=False):
-        loss, acc = RM.bc_loss(model, *train_batch(data, enc, device, idx), cfg.label_smoothing)
+    for idx in S.batches(data.B, cfg.batch_size, shuffle=False):
+        loss, acc = RM.bc_loss(model, *S.batch_of(data, enc, device, idx), cfg.label_smoothing)
         tot_loss += loss.item() * len(idx)
         tot_acc += acc.item() * len(idx)
     model.train()
@@ -429,13 +198,13 @@ def train_phase(phase: str, model, tok, opt, data: dict, enc: dict, cfg: Referen
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + (500 if phase == "catk" else 0))
         t0, c0 = time.perf_counter(), time.process_time()
         sums = dict(loss=0.0, acc=0.0)
-        order = batches(data["train"].B, cfg.batch_size, shuffle=True, gen=gen)
+        order = S.batches(data["train"].B, cfg.batch_size, shuffle=True, gen=gen)
         bar = tqdm(order, desc=f"{phase} epoch {epoch + 1}/{epochs}", leave=False)
         for i, idx in enumerate(bar):
             where = f"{run.stage}: {phase} epoch {epoch + 1}, step {i + 1}/{n_batches}"
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * n_batches + i, total, peak_lr, cfg.warmup_frac)
-            s, tk = train_batch(data["train"], enc["train"], device, idx)
+            s, tk = S.batch_of(data["train"], enc["train"], device, idx)
             if phase == "bc":
                 loss, acc = RM.bc_loss(model, s, tk, cfg.label_smoothing)
             else:
@@ -459,13 +228,6 @@ def train_phase(phase: str, model, tok, opt, data: dict, enc: dict, cfg: Referen
                        optimizer=opt.state_dict(), epoch=epoch + 1, phase=phase)
         print(f"{phase} epoch {epoch + 1}/{epochs}: train loss {entry['train_loss']:.3f} "
               f"acc {entry['train_acc']:.3f} | val loss {val_loss:.3f} acc {val_acc:.3f} | {train_s:.1f} s")
-
-
-def evaluate_model(model, tok, scenes: Scenes, cfg: ReferenceStageConfig, seed: int) -> dict:
-    """WOSAC metrics, goal rate and rollout scenarios per second of R sampled rollouts per scene."""
-    gen = torch.Generator(device=scenes.device).manual_seed(seed)
-    roll = E.reference_rollout(model, tok, cfg.eval_top_k, cfg.eval_temperature, cfg.eval_worlds, gen)
-    return E.score_method(roll, scenes, cfg.eval_R, batch=scenes.B)
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,7 +255,7 @@ def stage_reference(args) -> dict:
     t_start = time.perf_counter()
 
     # ---- data and tokens ---------------------------------------------------------------------
-    data = load_splits(cfg)
+    data = toy_splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed, cfg.cache_dir)
     print(f"toy scenes: train {data['train'].B}, val {data['val'].B}, test {data['test'].B} "
           f"(up to {data['train'].A} agents, {data['train'].seg_start.shape[1]} map segments)")
     if ck is not None:
@@ -504,7 +266,7 @@ def stage_reference(args) -> dict:
                                                                  seed=cfg.seed))
         run.log["tokenizer_s"] = time.perf_counter() - t0
     tok = tok.to(device)
-    enc = {split: encode_split(tok, data[split]) for split in ("train", "val")}  # log tokens, once
+    enc = {split: tok.encode_split( data[split]) for split in ("train", "val")}  # log tokens, once
     model = RM.ReferenceModel(model_config(cfg), tok.table).to(device)
     print(f"reference model: {model.n_params:,} parameters; K={cfg.K} tokens per type, "
           f"{cfg.steps_per_token} steps per token; device {device}")
@@ -541,7 +303,7 @@ def stage_reference(args) -> dict:
     results["constant velocity"] = E.score_method(E.constant_velocity, test, cfg.eval_R, batch=test.B)
     for name, path in (("BC", bc_path), ("CAT-K", catk_path)):
         m, _, _ = RM.load_reference(path, device)
-        results[name] = dict(evaluate_model(m, tok, test, cfg, seed=cfg.seed), params=m.n_params)
+        results[name] = dict(E.evaluate_model(m, tok, test, cfg, seed=cfg.seed), params=m.n_params)
     run.log["eval"] = dict(results=results, eval_s=time.perf_counter() - t0, R=cfg.eval_R, n_test=test.B)
     run.log["total_s_this_run"] = time.perf_counter() - t_start
     run.write_log()
@@ -555,12 +317,6 @@ def stage_reference(args) -> dict:
 # --------------------------------------------------------------------------------------------
 # The spacer stage: SPACeR self-play PPO and its PPO / HR-PPO baselines (ppo_anchor.py)
 # --------------------------------------------------------------------------------------------
-SPACER_COLUMNS = ("realism_meta", "kinematic", "interactive", "map_based", "min_ade", "collision_rate",
-                  "offroad_rate", "goal_rate", "scenarios_per_s", "policy_only_scenarios_per_s", "n_params",
-                  "entropy", "kl_ref", "logp_ref_exec")
-TRAIN_COLUMNS = ("entropy", "kl_ref", "logp_ref_exec")  # training diagnostics, mean of the last 5 iterations
-
-
 def spacer_config(args) -> tuple:
     """(SpacerConfig, run name) from the flags: --anchor's method, the --quick preset, then --alpha,
     --beta, --iterations and --hidden on top (they also name the run)."""
@@ -570,23 +326,6 @@ def spacer_config(args) -> tuple:
                                                             **overrides})
     name = args.anchor + "".join(f"_{k}{v:g}" for k, v in overrides.items())
     return cfg, name + (f"_seed{args.seed}" if args.seed else "")
-
-
-def spacer_table(spacer_dir: Path) -> str:
-    """The SPACeR table: every finished run under runs/spacer and the reference, one row each."""
-    rows = {}
-    for log_path in sorted(spacer_dir.glob("*/log.json")):
-        log = json.loads(log_path.read_text())
-        if "eval" in log:
-            tail = log.get("history", [])[-5:]
-            train = {k: sum(h[k] for h in tail) / len(tail) for k in TRAIN_COLUMNS if tail and k in tail[0]}
-            rows[log_path.parent.name] = {**log["eval"], **train, "n_params": log["n_params"]}
-    lines = ["| method | " + " | ".join(SPACER_COLUMNS) + " |", "|---" * (len(SPACER_COLUMNS) + 1) + "|"]
-    fmt = lambda k, v: "-" if v is None else f"{v:,.0f}" if k == "n_params" else f"{v:.1f}" \
-        if k.endswith("_per_s") else f"{v:.4f}"
-    for name, m in rows.items():
-        lines.append(f"| {name} | " + " | ".join(fmt(k, m.get(k)) for k in SPACER_COLUMNS) + " |")
-    return "\n".join(lines)
 
 
 def hr_ppo_teacher(run: Run, cfg: PA.SpacerConfig, scenes: Scenes, enc: dict, tok, device):
@@ -600,27 +339,11 @@ def hr_ppo_teacher(run: Run, cfg: PA.SpacerConfig, scenes: Scenes, enc: dict, to
         teacher, acc = PA.train_bc(cfg, scenes, {k: v.to(device) for k, v in enc.items()}, tok.table, tok.n0,
                                    progress=True)
         weights = teacher.state_dict()
-        run.save(run.dir / "bc.pt", functools.partial(PA.save_atomic, weights), teacher=weights)
+        run.save(run.dir / "bc.pt", functools.partial(S.save_atomic, weights), teacher=weights)
         run.log.update(bc_accuracy=acc, bc_s=time.perf_counter() - t0)
         print(f"BC teacher: {PA.count_parameters(teacher):,} parameters, token accuracy {acc:.3f} "
               f"-> {run.dir / 'bc.pt'}")
     return teacher.eval()
-
-
-def score_reference_once(run: Run, ref_path: Path, ref, tok, ref_stage: ReferenceStageConfig, test: Scenes,
-                         cfg: PA.SpacerConfig) -> None:
-    """The reference's row of the SPACeR table (runs/spacer/reference/log.json), scored like the
-    policies and kept until the reference checkpoint or the number of test scenes changes."""
-    ref_log = run.dir.parent / "reference" / "log.json"
-    fresh = ref_log.is_file() and ref_log.stat().st_mtime > ref_path.stat().st_mtime
-    if fresh and json.loads(ref_log.read_text())["eval"]["n_scenes"] == test.B:
-        return
-    rollout = E.reference_rollout(ref, tok, ref_stage.eval_top_k, ref_stage.eval_temperature,
-                                  ref_stage.eval_worlds)
-    torch.manual_seed(cfg.seed)
-    scores = E.score_method(rollout, test, cfg.eval_rollouts, cfg.eval_batch, progress=True)
-    if run.writer:
-        E.write_json(ref_log, dict(reference=str(ref_path), n_params=ref.n_params, eval=scores))
 
 
 def stage_spacer(args) -> dict:
@@ -630,11 +353,7 @@ def stage_spacer(args) -> dict:
     few iterations: --resume continues) and log.json; scores the reference the same way once
     (runs/spacer/reference/log.json); prints the table of every run so far.
 
-        python train.py --stage spacer                          # SPACeR (alpha 0, beta 0.1)
-        python train.py --stage spacer --anchor ppo             # task reward only
-        python train.py --stage spacer --anchor hr-ppo          # KL to a behaviour-cloned policy
-        python train.py --stage spacer --alpha 0.1 --beta 0     # ablation: likelihood reward only
-        python train.py --stage spacer --quick                  # smoke run
+        python train.py --stage spacer --anchor ppo|hr-ppo|spacer [--alpha A --beta B] [--seed S]
     """
     device = pick_device(args.device)
     cfg, name = spacer_config(args)
@@ -646,7 +365,7 @@ def stage_spacer(args) -> dict:
               f"{state['iteration']}/{cfg.iterations}")
         if state["iteration"] >= cfg.iterations and "eval" in run.log:
             print(f"--resume: {run.dir} is complete (training and evaluation); nothing to do")
-            print(spacer_table(run.dir.parent))
+            print(E.spacer_table(run.dir.parent))
             return run.log["eval"]
     ref_path = Path(args.runs) / "reference" / "catk.pt"
     if not ref_path.is_file():
@@ -657,9 +376,10 @@ def stage_spacer(args) -> dict:
     # ---- data: the reference's own training logs (as tokens) and test scenes -------------------
     ref, tok, _ = RM.load_reference(ref_path, device)
     ref_stage = ReferenceStageConfig(**load_checkpoint(ref_path)["stage_cfg"])
-    data = load_splits(ref_stage)
+    data = toy_splits(ref_stage.n_train, ref_stage.n_val, ref_stage.n_test, ref_stage.data_seed,
+                      ref_stage.cache_dir)
     train_scenes = data["train"].to(device)
-    enc = encode_split(tok, data["train"])
+    enc = tok.encode_split( data["train"])
 
     # ---- models: the frozen reference as a (scenes, ids, id_valid) callable, HR-PPO's teacher ---
     log_p_ref = functools.partial(RM.log_p_ref, ref, tok)
@@ -691,7 +411,7 @@ def stage_spacer(args) -> dict:
     run.write_log()
     score_reference_once(run, ref_path, ref, tok, ref_stage, test, cfg)
     print(f"\nheld-out toy test scenes: {n_test}, {cfg.eval_rollouts} rollouts each (WOSAC 2025 weights)")
-    print(spacer_table(run.dir.parent))
+    print(E.spacer_table(run.dir.parent))
     print(f"training: {steps:,} agent-steps at {run.log['train_sps']:.0f} agent-steps/s")
     print(f"policy: {run.dir / 'policy.pt'}\nlog and results: {run.log_path}")
     return run.log["eval"]
@@ -733,15 +453,6 @@ def sft_phase(run: Run, name: str, init: Path, epochs: int, tok, data: dict, enc
     return path
 
 
-def save_rft(run: Run, path: Path, kind: str, model, tok, opt, cfg: R1.R1Config, tau: float, step: int,
-             history: list) -> None:
-    """r1_finetune.train_rft's save_fn: the RFT checkpoint (weights checked), its history in the log."""
-    save_reference(run, path, model, tok, r1_cfg=asdict(cfg), optimizer=opt.state_dict(), step=step,
-                   history=history, tau=tau)
-    run.log[f"rft_{kind}"] = history
-    run.write_log()
-
-
 def rft_phase(run: Run, kind: str, sft1: Path, tau: float, cfg: R1.R1Config, tok, get_batch, n_train: int,
               device) -> Path:
     """RFT of SFT-1 with the `kind` advantage against the frozen SFT-1, continued from rft_<kind>.pt."""
@@ -759,63 +470,15 @@ def rft_phase(run: Run, kind: str, sft1: Path, tau: float, cfg: R1.R1Config, tok
     return path
 
 
-def reference_scores(ref_dir: Path, R: int, n_test: int) -> dict:
-    """{checkpoint: its scores} for BC and CAT-K from the reference stage's log, when it scored them
-    the same way (seed, R, test scenes) after they were last written."""
-    ref_log, bc_path, catk_path = ref_dir / "log.json", ref_dir / "bc.pt", ref_dir / "catk.pt"
-    ref_eval = json.loads(ref_log.read_text()).get("eval", {}) if ref_log.is_file() else {}
-    if ref_eval.get("R") != R or ref_eval.get("n_test") != n_test \
-            or ref_log.stat().st_mtime < max(bc_path.stat().st_mtime, catk_path.stat().st_mtime):
-        return {}
-    results = ref_eval.get("results", {})
-    return {bc_path: results.get("BC"), catk_path: results.get("CAT-K")}
-
-
-def score_once(run: Run, name: str, path: Path, tok, test: Scenes, cfg: ReferenceStageConfig, known: dict,
-               device) -> None:
-    """Row `name` of the r1 table: checkpoint `path` scored with eval_R rollouts per test scene,
-    once; one sampling seed for every model (common random numbers)."""
-    if name not in run.log["eval"]:
-        reuse = known.get(path)
-        run.log["eval"][name] = reuse or evaluate_model(RM.load_reference(path, device)[0], tok, test, cfg,
-                                                        seed=cfg.seed)
-        print(f"{name}: realism meta {run.log['eval'][name]['realism_meta']:.4f}"
-              + (" (reference stage's)" if reuse else ""))
-
-
-def print_r1_tables(run: Run, cfg: R1.R1Config, variants: tuple, n_test: int, runs: Path) -> None:
-    """This seed's table, RFT's training reward, the times, and the mean over every seed so far."""
-    print(f"\nheld-out toy test scenes: {n_test}, {cfg.eval_R} rollouts each (WOSAC 2025 weights), "
-          f"seed {cfg.seed}")
-    print(E.format_table({n: run.log["eval"][n] for n in R1_ROWS if n in run.log["eval"]}))
-    for kind in variants:
-        h = run.log[f"rft_{kind}"]
-        k = max(1, len(h) // 4)
-        mean = lambda key, part: sum(e[key] for e in part) / len(part)
-        print(f"RFT {kind}: training reward {mean('reward', h[:k]):.4f} (first {k} steps) -> "
-              f"{mean('reward', h[-k:]):.4f} (last {k}); KL to SFT-1 {h[-1]['kl_exact']:.4f} (k3 "
-              f"{h[-1]['kl']:.4f}); entropy {h[0]['entropy']:.3f} -> {h[-1]['entropy']:.3f}; "
-              f"unscored sets {sum(e['n_nan_groups'] for e in h)}")
-    print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in run.log["wall_s"].items()))
-    print("CPU time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in run.log.get("cpu_s", {}).items()))
-    seeds = [json.loads(p.read_text()).get("eval", {}) for p in sorted((runs / "r1").glob("seed*/log.json"))
-             if p.parent.name[4:].isdigit()]       # the seeds of the default schedule only
-    seeds = [{n: e[n] for n in R1_ROWS if n in e} for e in seeds]
-    if len(seeds) > 1:
-        print(f"\nmean +- std over {len(seeds)} seeds (runs/r1/seed*):")
-        print(R1.summary_table(seeds, E.TABLE_KEYS))
-    print(f"checkpoints: {run.dir}/*.pt\nlog and results: {run.log_path}")
-
-
 def stage_r1(args) -> dict:
-    """SMART-R1 on the reference's toy scenes, the paper's split (r1_schedule): SFT-1 = N CAT-K
+    """SMART-R1 on the reference's toy scenes, the paper's split (r1_finetune.schedule): SFT-1 = N CAT-K
     epochs from BC (the reference stage's CAT-K model when it is exactly that), RFT with MPO
     against the frozen SFT-1, SFT-2 = N CAT-K epochs, and the control SFT-SFT = SFT-1 + N CAT-K
     epochs (2N in both arms, the same rate schedule); with --variants also RFT with the GRPO-style
-    and the no-KL REINFORCE advantages, and the trajectory-matched control. Every model is scored on the held-out
-    test scenes with eval_R rollouts (one sampling seed for all). Writes runs/r1/seed<S>/*.pt and
-    log.json atomically after every epoch / few RFT steps (--resume skips finished sub-stages and
-    continues the current one); prints this seed's table and the mean over every seed run so far."""
+    and the no-KL REINFORCE advantages, and the trajectory-matched control. Every model is scored
+    on the held-out test scenes with eval_R rollouts (one sampling seed for all). Writes
+    runs/r1/seed<S>/*.pt and log.json atomically after every epoch / few RFT steps (--resume skips
+    finished sub-stages and continues the current one); prints this seed's table and the seed means."""
     device = pick_device(args.device)
     cfg, stage = r1_config(args)
     run = open_run(args, stage, marks=("log.json", "*.pt"))
@@ -834,11 +497,11 @@ def stage_r1(args) -> dict:
 
     # ---- data, the tokenizer, the SFT settings (the reference stage's CAT-K settings) ------------
     ref_cfg = ReferenceStageConfig(**load_checkpoint(bc_path)["stage_cfg"])
-    data = load_splits(ref_cfg)
+    data = toy_splits(ref_cfg.n_train, ref_cfg.n_val, ref_cfg.n_test, ref_cfg.data_seed, ref_cfg.cache_dir)
     _, tok, _ = RM.load_reference(bc_path, device)
-    enc = {split: encode_split(tok, data[split]) for split in ("train", "val")}
+    enc = {split: tok.encode_split( data[split]) for split in ("train", "val")}
     n_train = data["train"].B
-    epochs = r1_schedule(cfg, n_train)
+    epochs = R1.schedule(cfg, n_train)
     sft_cfg = replace(ref_cfg, seed=cfg.seed)      # train_phase's batch size, CAT-K top-k, clip, warm-up
     sft_lr = ref_cfg.catk_lr if cfg.sft_lr is None else cfg.sft_lr
     variants = ("mpo", "grpo", "reinforce") if args.variants else ("mpo",)
@@ -846,15 +509,16 @@ def stage_r1(args) -> dict:
         R1.variant_config(cfg, kind)            # a bad variant fails before any training
     print(f"SMART-R1 from {ref_dir}: {n_train} training scenes; CAT-K epochs: SFT-1 {epochs['sft1']}, "
           f"SFT-2 {epochs['sft2']}, SFT-SFT {epochs['sft1']} + {epochs['sftsft']}; RFT {cfg.rft_steps} "
-          f"steps x {cfg.scenes_per_step} scenes x M={cfg.M} rollouts in {cfg.groups} set(s); device {device}")
-    get_batch = functools.partial(train_batch, data["train"], enc["train"], device)
+          f"steps x {cfg.scenes_per_step} scenes x M={cfg.M} rollouts in {cfg.groups} set(s); "
+          f"device {device}")
+    get_batch = functools.partial(S.batch_of, data["train"], enc["train"], device)
     sft = functools.partial(sft_phase, run, tok=tok, data=data, enc=enc, cfg=sft_cfg, lr=sft_lr,
                             device=device)
     rft = functools.partial(rft_phase, run, cfg=cfg, tok=tok, get_batch=get_batch, n_train=n_train,
                             device=device)
     test = data["test"].to(device)
     score = functools.partial(score_once, run, tok=tok, test=test, cfg=replace(ref_cfg, eval_R=cfg.eval_R),
-                              known=reference_scores(ref_dir, cfg.eval_R, test.B), device=device)
+                              known=E.reference_scores(ref_dir, cfg.eval_R, test.B), device=device)
 
     # ---- the schedule ----------------------------------------------------------------------------
     sft1 = catk_path                           # the reference stage's CAT-K model when it is SFT-1 exactly
@@ -898,13 +562,11 @@ def stage_r1(args) -> dict:
                 path = rft(kind, sft1, tau)
             with timed(run, "eval"):
                 score(name, path)
-    print_r1_tables(run, cfg, variants, test.B, Path(args.runs))
+    print_r1_tables(run, cfg, variants, test.B, Path(args.runs), R1_ROWS)
     return run.log["eval"]
 
 
-# --------------------------------------------------------------------------------------------
-# The eval stage and the entry point
-# --------------------------------------------------------------------------------------------
+# ---- the eval stage and the entry point ----------------------------------------------------
 def stage_eval(args) -> dict:
     """Every method side by side (evaluate.run_eval): the held-out toy test scenes and the real
     WOMD examples where present, R = 32 rollouts each; runs/eval/results.{md,json} and pictures.

@@ -17,9 +17,8 @@ TINY = RM.ReferenceConfig(K=32, D=32, heads=2, layers=2, dropout=0.0, window=4, 
 
 def first_agents(scenes, k):
     """The first k agents of every scene (keeps the tests fast)."""
-    import train
     t = scenes.tensors()
-    for name in train.AGENT_FIELDS:
+    for name in S.AGENT_FIELDS:
         t[name] = t[name][:, :k]
     return S.Scenes(**t, scene_id=list(scenes.scene_id))
 

@@ -134,7 +134,7 @@ def test_quick_with_iterations_takes_the_flag():
 def test_quick_r1_preset_is_a_valid_schedule():
     cfg = R1.R1Config(**train.R1_QUICK)
     R1.check_config(cfg)
-    epochs = train.r1_schedule(cfg, n_train=24)
+    epochs = R1.schedule(cfg, n_train=24)
     assert epochs["sft1"] + epochs["sft2"] == epochs["sft1"] + epochs["sftsft"] == 2 * cfg.sft_epochs
 
 

@@ -354,21 +354,30 @@ def nearest_segments(q, a, b, ok, buggy: bool = False, G: int = EDGE_GROUP):
             g_in = _pick(g_ok_flat, groups).unsqueeze(1)                  # [n, 1, k]
             lb_q = torch.where(g_in, (dq - r_g).clamp(min=0.0), math.inf)  # [n, P, k]
             ub_q = torch.where(g_in, dq + r_g, math.inf).amin(-1, keepdim=True)  # [n, P, 1]
-            keep = lb_q <= ub_q + 1e-2 + 1e-4 * ub_q.abs()                # [n, P, k]
-            k2 = max(1, int(keep.sum(-1).max()))
-            lb_k, pick = torch.where(keep, lb_q, math.inf).topk(k2, dim=-1, largest=False)  # [n, P, k2]
-            pick, at = pick.sort(dim=-1)                                  # ascending groups: first on ties
-            g2 = groups.unsqueeze(1).expand(-1, P, -1).gather(-1, pick)   # [n, P, k2] flat group ids
-            kept = torch.isfinite(lb_k.gather(-1, at))                    # [n, P, k2]
-            cand_ok = (offset < _pick(n_flat, g2).unsqueeze(-1)) & kept.unsqueeze(-1)  # [n, P, k2, G]
-            cand = (_pick(first_flat, g2).unsqueeze(-1) + offset).flatten(-2).clamp(max=B * E - 1)  # [n, P, k2 G]
-            ax, ay, az, dx, dy, dz, il = (_pick(w, cand) for w in seg)    # [n, P, k2 G]
-            qax, qay, qaz = (qc[..., c:c + 1] - w for c, w in enumerate((ax, ay, az)))  # [n, P, k2 G]
-            t = ((qax * dx + qay * dy) * il).clamp(0.0, 1.0) * sign       # [n, P, k2 G]
+            keep = (lb_q <= ub_q + 1e-2 + 1e-4 * ub_q.abs()).view(-1, k)  # [n P, k]
+            # only the kept (point, group) pairs are measured: no padding to the busiest point
+            pt, slot = keep.nonzero(as_tuple=True)                        # [Np] point in batch, group slot
+            g2 = groups.view(-1).index_select(0, (pt // P) * k + slot)    # [Np] flat group ids
+            cand = _pick(first_flat, g2).unsqueeze(-1) + offset           # [Np, G] flat segment ids
+            cand_ok = offset < _pick(n_flat, g2).unsqueeze(-1)            # [Np, G]
+            cand = cand.clamp(max=B * E - 1)                              # [Np, G]
+            ax, ay, az, dx, dy, dz, il = (_pick(w, cand) for w in seg)    # [Np, G]
+            qp = qc.view(-1, 3).index_select(0, pt)                       # [Np, 3]
+            qax, qay, qaz = (qp[:, c:c + 1] - w for c, w in enumerate((ax, ay, az)))  # [Np, G]
+            t = ((qax * dx + qay * dy) * il).clamp(0.0, 1.0) * sign       # [Np, G]
             d = (qax + dx * t) ** 2 + (qay + dy * t) ** 2 + (qaz + dz * t) ** 2  # squared distance
-            d = torch.where(cand_ok.flatten(-2), d, math.inf)             # [n, P, k2 G]
-            best = cand.gather(-1, d.argmin(-1, keepdim=True)).squeeze(-1)  # [n, P]
-            idx_out.index_copy_(0, rid, best - E * (rid // N).unsqueeze(1))  # back to per-scene ids
+            d = torch.where(cand_ok, d, math.inf)                         # [Np, G]
+            d_pair, at = d.min(-1)                                        # [Np] first on ties in a group
+            s_pair = cand.gather(-1, at.unsqueeze(-1)).squeeze(-1)        # [Np]
+            # per point: the smallest distance, then the smallest segment id among its ties
+            nP = rows.numel() * P
+            d_best = torch.full((nP,), math.inf, device=q.device).scatter_reduce_(0, pt, d_pair, "amin")
+            s_pair = torch.where(d_pair == d_best.index_select(0, pt), s_pair, B * E)  # [Np]
+            best = torch.full((nP,), B * E, device=q.device).scatter_reduce_(0, pt, s_pair, "amin")  # [n P]
+            best = best.view(-1, P)                                       # [n, P]
+            base = E * (rid // N).unsqueeze(1)                            # [n, 1] first id of the scene
+            best = torch.where(best >= B * E, base, best)                 # no valid segment: 0
+            idx_out.index_copy_(0, rid, best - base)                      # back to per-scene ids
             i = j
     return idx_out.view(B, N, P)
 

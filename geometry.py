@@ -327,7 +327,7 @@ def nearest_segments(q, a, b, ok, buggy: bool = False, G: int = EDGE_GROUP):
     step = max(1, CHUNK // max(1, B * Gn))
     for n0 in range(0, N, step):
         n1 = min(N, n0 + step)
-        dist = (m[:, n0:n1].unsqueeze(2) - centre.unsqueeze(1)).norm(dim=-1)  # [B, Nc, Gn]
+        dist = torch.cdist(m[:, n0:n1], centre, compute_mode="donot_use_mm_for_euclid_dist")  # [B, Nc, Gn]
         lb = torch.where(g_ok.unsqueeze(1), (dist - radius.unsqueeze(1)).clamp(min=0.0), math.inf)  # [B, Nc, Gn]
         ub = torch.where(g_ok.unsqueeze(1), dist + radius.unsqueeze(1), math.inf)  # [B, Nc, Gn]
         bound = ub.amin(-1) + 2.0 * rho[:, n0:n1]                         # [B, Nc]

@@ -133,9 +133,14 @@ def rounded_box_distance(x, y, cos_d, sin_d, len_i, wid_i, len_j, wid_j):
 
 def relative_pose(pos_i, yaw_i, pos_j, yaw_j):
     """Box j seen from box i: centre (x, y) in i's frame and (cos, sin) of h_j - h_i. Broadcasts."""
-    ci, si = torch.cos(yaw_i), torch.sin(yaw_i)                           # [...] per box i
-    cj, sj = torch.cos(yaw_j), torch.sin(yaw_j)                           # [...] per box j
-    dx, dy = pos_j[..., 0] - pos_i[..., 0], pos_j[..., 1] - pos_i[..., 1]  # [...] per pair
+    return relative_pose_cs(pos_i[..., 0], pos_i[..., 1], torch.cos(yaw_i), torch.sin(yaw_i),
+                            pos_j[..., 0], pos_j[..., 1], torch.cos(yaw_j), torch.sin(yaw_j))
+
+
+def relative_pose_cs(xi, yi, ci, si, xj, yj, cj, sj):
+    """relative_pose from coordinates and the cos / sin of both headings (callers that already have
+    them per box skip recomputing them per pair). All [...] broadcasting."""
+    dx, dy = xj - xi, yj - yi                                             # [...] per pair
     x, y = dx * ci + dy * si, -dx * si + dy * ci                          # rotation by -h_i
     return x, y, cj * ci + sj * si, sj * ci - cj * si
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from geometry import box_road_edge_distance, gather_rows, object_distance_matrix, road_edge_table
+from geometry import (box_road_edge_distance, gather_rows, relative_pose_cs, road_edge_table,
+                      rounded_box_distance)
 from scenes import DT, MAP_TYPES, NOW, T, Scenes, apply_local, to_local_xy, wrap_angle
 
 
@@ -105,6 +106,12 @@ class MultiAgentEnv:
         self.seg_dir = d / self.seg_len.clamp(min=1e-6).unsqueeze(-1)   # [B, S, 2]
         emid = 0.5 * (self.edges["a"][..., :2] + self.edges["b"][..., :2])     # [B, E, 2]
         self.edge_mid = torch.where(self.edges["valid"].unsqueeze(-1), emid, torch.full_like(emid, 1e6))  # [B, E, 2]
+        # collision prefilter: rounded boxes lie inside the disc of their half diagonal, so a pair
+        # can only touch when its centre distance is below the sum of both (+ a float margin)
+        L, W = scenes.size[..., 0], scenes.size[..., 1]                           # [B, A]
+        half_diag = 0.5 * torch.sqrt(L * L + W * W)                               # [B, A]
+        reach = half_diag.unsqueeze(-1) + half_diag.unsqueeze(-2) + 1e-2          # [B, A, A]
+        self.reach2 = torch.where(torch.eye(self.A, dtype=torch.bool, device=self.device), -1.0, reach * reach)
 
     # ---- episode start ---------------------------------------------------------------------
     def reset(self, start_step: int = NOW):
@@ -190,10 +197,8 @@ class MultiAgentEnv:
     def _events(self):
         """Collision, off-road and goal flags at the current step; returns newly reached goals."""
         s, act = self.s, self.active
-        d_obj = object_distance_matrix(self.pos, self.yaw, s.size[..., 0], s.size[..., 1], act)  # [B, A, A]
-        self.collided = (d_obj.min(dim=-1).values < 0.0) & act               # [B, A]
-        edges = {k: gather_rows(v, self.edge_idx) for k, v in self.edges.items()}  # [B, A, C, ...]
-        d_road = box_road_edge_distance(self.pos, self.z, self.yaw, s.size, edges)  # [B, A]
+        self.collided = self._collisions()                                   # [B, A]
+        d_road = box_road_edge_distance(self.pos, self.z, self.yaw, s.size, self.edge_pool)  # [B, A]
         self.offroad = (d_road > 0.0) & act                                  # [B, A]
         self.ever_collided |= self.collided
         self.ever_offroad |= self.offroad
@@ -202,11 +207,30 @@ class MultiAgentEnv:
         self.goal_reached |= reached
         return newly
 
+    def _collisions(self):
+        """collided[b, i] = min_j d_ij < 0 over active j != i, with d the metric's rounded-box
+        distance (geometry.object_distance_matrix), measured only for the pairs whose centres are
+        within the sum of both half diagonals: every other pair has d_ij >= c - R_i - R_j > 0.
+        The same formula on the same per-agent cos / sin, so the flags equal the full matrix's."""
+        act, size = self.active, self.s.size
+        x, y = self.pos[..., 0], self.pos[..., 1]                            # [B, A]
+        dx, dy = x.unsqueeze(-2) - x.unsqueeze(-1), y.unsqueeze(-2) - y.unsqueeze(-1)  # [B, A, A]
+        near = (dx * dx + dy * dy < self.reach2) & act.unsqueeze(-1) & act.unsqueeze(-2)  # [B, A, A]
+        b, i, j = near.nonzero(as_tuple=True)                                # [Np] candidate pairs
+        c, s_ = torch.cos(self.yaw), torch.sin(self.yaw)                     # [B, A]
+        xr, yr, cd, sd = relative_pose_cs(x[b, i], y[b, i], c[b, i], s_[b, i],
+                                          x[b, j], y[b, j], c[b, j], s_[b, j])  # [Np]
+        d = rounded_box_distance(xr, yr, cd, sd, size[b, i, 0], size[b, i, 1], size[b, j, 0], size[b, j, 1])  # [Np]
+        hit = torch.zeros(self.B * self.A, dtype=torch.bool, device=self.device)  # [B A]
+        hit[(b * self.A + i)[d < 0.0]] = True
+        return hit.view(self.B, self.A) & act
+
     def _refresh_pools(self):
         """Nearest road-edge segments (off-road checks) and map segments (observations) per agent."""
         n_e = min(self.cfg.n_edge_pool, self.edge_mid.shape[1])
         d_e = torch.cdist(self.pos, self.edge_mid)                           # [B, A, E]
         self.edge_idx = d_e.topk(n_e, dim=-1, largest=False).indices         # [B, A, C]
+        self.edge_pool = {k: gather_rows(v, self.edge_idx) for k, v in self.edges.items()}  # [B, A, C, ...]
         n_r = min(self.cfg.n_road_pool, self.seg_mid.shape[1])
         d_r = torch.cdist(self.pos, self.seg_mid)                            # [B, A, S]
         self.road_idx = d_r.topk(n_r, dim=-1, largest=False).indices         # [B, A, C]

@@ -75,7 +75,8 @@ class EnvConfig:
     steer_grid: tuple = tuple(round(-0.5 + i / 12, 4) for i in range(13))  # rad, |delta| <= 0.5
 
 
-EGO_DIM = 12        # speed, length, width, type one-hot (3), goal x, goal y, goal dist, collided, offroad, reached
+# speed, length, width, type one-hot (3), goal x, goal y, goal dist, collided, offroad, reached
+EGO_DIM = 12
 PARTNER_DIM = 11    # rel x, rel y, cos dyaw, sin dyaw, rel vx, rel vy, length, width, type one-hot (3)
 ROAD_DIM = 4 + 1 + len(MAP_TYPES)  # mid x, mid y, cos, sin, length, type one-hot
 
@@ -100,12 +101,14 @@ class MultiAgentEnv:
         self.steer_grid = torch.tensor(cfg.steer_grid, device=self.device)  # [Ns]
         self.edges = road_edge_table(scenes)                         # [B, E, ...] per field
         mid = 0.5 * (scenes.seg_start[..., :2] + scenes.seg_end[..., :2])      # [B, S, 2]
-        self.seg_mid = torch.where(scenes.seg_valid.unsqueeze(-1), mid, torch.full_like(mid, 1e6))  # [B, S, 2]
+        # [B, S, 2]
+        self.seg_mid = torch.where(scenes.seg_valid.unsqueeze(-1), mid, torch.full_like(mid, 1e6))
         d = scenes.seg_end[..., :2] - scenes.seg_start[..., :2]         # [B, S, 2]
         self.seg_len = d.norm(dim=-1)                                   # [B, S]
         self.seg_dir = d / self.seg_len.clamp(min=1e-6).unsqueeze(-1)   # [B, S, 2]
         emid = 0.5 * (self.edges["a"][..., :2] + self.edges["b"][..., :2])     # [B, E, 2]
-        self.edge_mid = torch.where(self.edges["valid"].unsqueeze(-1), emid, torch.full_like(emid, 1e6))  # [B, E, 2]
+        # [B, E, 2]
+        self.edge_mid = torch.where(self.edges["valid"].unsqueeze(-1), emid, torch.full_like(emid, 1e6))
         # collision prefilter: rounded boxes lie inside the disc of their half diagonal, so a pair
         # can only touch when its centre distance is below the sum of both (+ a float margin)
         L, W = scenes.size[..., 0], scenes.size[..., 1]                           # [B, A]
@@ -121,14 +124,17 @@ class MultiAgentEnv:
         self.traj_pos = s.pos.clone()                                        # [B, A, T, 2]
         self.traj_yaw = s.yaw.clone()                                        # [B, A, T]
         self.traj_valid = s.valid.clone()                                    # [B, A, T]
-        ctrl_future = self.controlled.unsqueeze(-1) & (torch.arange(T, device=self.device) > start_step)  # [B, A, T]
-        self.traj_valid = torch.where(ctrl_future, True, self.traj_valid)   # controlled agents live to the end
+        # [B, A, T]
+        ctrl_future = self.controlled.unsqueeze(-1) & (torch.arange(T, device=self.device) > start_step)
+        # controlled agents live to the end
+        self.traj_valid = torch.where(ctrl_future, True, self.traj_valid)
         self.pos = s.pos[:, :, start_step].clone()                           # [B, A, 2]
         self.yaw = s.yaw[:, :, start_step].clone()                           # [B, A]
         self.z = s.z[:, :, start_step].clone()                               # [B, A]
         self.speed = s.vel[:, :, start_step].norm(dim=-1)                    # [B, A]
         self.vel = s.vel[:, :, start_step].clone()                           # [B, A, 2]
-        self.sim = s.valid[:, :, start_step].clone()                         # [B, A] sim agents (WOSAC): valid at the start
+        # [B, A] sim agents (WOSAC): valid at the start
+        self.sim = s.valid[:, :, start_step].clone()
         self.active = self.sim.clone()                                       # [B, A]
         self.goal_reached = torch.zeros_like(self.active)                    # [B, A]
         self.collided = torch.zeros_like(self.active)                        # [B, A] at the last step
@@ -190,7 +196,8 @@ class MultiAgentEnv:
             self._refresh_pools()
         newly = self._events()
         cfg = self.cfg
-        r = cfg.w_goal * newly.float() - cfg.w_coll * self.collided.float() - cfg.w_off * self.offroad.float()  # [B, A]
+        # [B, A]
+        r = cfg.w_goal * newly.float() - cfg.w_coll * self.collided.float() - cfg.w_off * self.offroad.float()
         return torch.where(ctrl, r, torch.zeros_like(r))
 
     # ---- events ----------------------------------------------------------------------------
@@ -220,7 +227,8 @@ class MultiAgentEnv:
         c, s_ = torch.cos(self.yaw), torch.sin(self.yaw)                     # [B, A]
         xr, yr, cd, sd = relative_pose_cs(x[b, i], y[b, i], c[b, i], s_[b, i],
                                           x[b, j], y[b, j], c[b, j], s_[b, j])  # [Np]
-        d = rounded_box_distance(xr, yr, cd, sd, size[b, i, 0], size[b, i, 1], size[b, j, 0], size[b, j, 1])  # [Np]
+        # [Np]
+        d = rounded_box_distance(xr, yr, cd, sd, size[b, i, 0], size[b, i, 1], size[b, j, 0], size[b, j, 1])
         hit = torch.zeros(self.B * self.A, dtype=torch.bool, device=self.device)  # [B A]
         hit[(b * self.A + i)[d < 0.0]] = True
         return hit.view(self.B, self.A) & act
@@ -258,7 +266,8 @@ class MultiAgentEnv:
         ok = self.active.unsqueeze(1) & self.active.unsqueeze(2) & (dist < cfg.obs_radius)  # [B, A, A]
         ok &= ~torch.eye(A, dtype=torch.bool, device=self.device)
         n_p = min(cfg.n_partners, A)
-        d_sel, j = torch.where(ok, dist, torch.full_like(dist, 1e9)).topk(n_p, dim=-1, largest=False)  # [B, A, P]
+        # [B, A, P]
+        d_sel, j = torch.where(ok, dist, torch.full_like(dist, 1e9)).topk(n_p, dim=-1, largest=False)
         p_mask = d_sel < 1e8                                                      # [B, A, P]
         bidx = torch.arange(B, device=self.device).view(B, 1, 1)                  # [B, 1, 1]
         rel = to_local_xy(self.pos[bidx, j], self.pos, self.yaw)                       # [B, A, P, 2]
@@ -267,10 +276,12 @@ class MultiAgentEnv:
             self.vel.unsqueeze(-2), torch.zeros_like(self.pos), self.yaw)          # [B, A, P, 2]
         partners = torch.cat([rel / cfg.obs_radius, torch.cos(dyaw).unsqueeze(-1), torch.sin(dyaw).unsqueeze(-1),
                               rel_v / 30.0, s.size[bidx, j, :2] / torch.tensor([10.0, 5.0], device=self.device),
-                              torch.nn.functional.one_hot(s.agent_type[bidx, j], 3).float()], -1)  # [B, A, P, PARTNER_DIM]
+                              # [B, A, P, PARTNER_DIM]
+                              torch.nn.functional.one_hot(s.agent_type[bidx, j], 3).float()], -1)
         partners = partners * p_mask.unsqueeze(-1)
         pad = cfg.n_partners - n_p   # fixed width, whatever A is, so one policy fits every scene
-        partners = torch.nn.functional.pad(partners, (0, 0, 0, pad))           # [B, A, n_partners, PARTNER_DIM]
+        # [B, A, n_partners, PARTNER_DIM]
+        partners = torch.nn.functional.pad(partners, (0, 0, 0, pad))
         p_mask = torch.nn.functional.pad(p_mask, (0, pad))                     # [B, A, n_partners]
 
         # road: nearest map segments within obs_radius, chosen from the per-agent pool
@@ -284,7 +295,8 @@ class MultiAgentEnv:
         rel_mid = torch.gather(rel_mid, 2, c.unsqueeze(-1).expand(-1, -1, -1, 2))  # [B, A, R, 2]
         dir_ego = to_local_xy(self.seg_dir[bidx, seg], torch.zeros_like(self.pos), self.yaw)  # [B, A, R, 2]
         road = torch.cat([rel_mid / cfg.obs_radius, dir_ego, self.seg_len[bidx, seg].unsqueeze(-1) / 10.0,
-                          torch.nn.functional.one_hot(s.seg_type[bidx, seg], len(MAP_TYPES)).float()], -1)  # [B, A, R, ROAD_DIM]
+                          # [B, A, R, ROAD_DIM]
+                          torch.nn.functional.one_hot(s.seg_type[bidx, seg], len(MAP_TYPES)).float()], -1)
         road = road * r_mask.unsqueeze(-1)
         pad = cfg.n_road - n_r
         road = torch.nn.functional.pad(road, (0, 0, 0, pad))                   # [B, A, n_road, ROAD_DIM]

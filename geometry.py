@@ -149,7 +149,8 @@ def object_distance_matrix(pos, yaw, length, width, valid):
     """Signed rounded-box distances d_ij (3.2): pos [..., A, 2], yaw/length/width/valid [..., A]
     -> [..., A, A]; BIG (1e10) on the diagonal and where box i or box j is invalid.
     Collision of i is `d.min(-1) < 0`."""
-    x, y, cd, sd = relative_pose(pos.unsqueeze(-2), yaw.unsqueeze(-1), pos.unsqueeze(-3), yaw.unsqueeze(-2))  # [..., A, A]
+    # [..., A, A]
+    x, y, cd, sd = relative_pose(pos.unsqueeze(-2), yaw.unsqueeze(-1), pos.unsqueeze(-3), yaw.unsqueeze(-2))
     d = rounded_box_distance(x, y, cd, sd, length.unsqueeze(-1), width.unsqueeze(-1),
                               length.unsqueeze(-2), width.unsqueeze(-2))  # [..., A, A]
     A = pos.shape[-2]
@@ -172,7 +173,8 @@ def road_edge_table(scenes) -> dict:
     of edges (e.g. [B, A, C, ...] candidates) and pass it to signed_distance_to_edges."""
     is_edge = (scenes.seg_type == ROAD_EDGE) & scenes.seg_valid            # [B, S]
     idx, ok = compact(is_edge)                                           # [B, E]
-    out = {"a": gather_rows(scenes.seg_start, idx), "b": gather_rows(scenes.seg_end, idx), "valid": ok}  # [B, E, 3]
+    # [B, E, 3]
+    out = {"a": gather_rows(scenes.seg_start, idx), "b": gather_rows(scenes.seg_end, idx), "valid": ok}
     for name, nb in (("prev", scenes.seg_prev), ("next", scenes.seg_next)):
         j = nb.gather(1, idx)                                             # [B, E] index into S (-1 none)
         jc = j.clamp(min=0)                                               # [B, E]
@@ -208,7 +210,8 @@ def _signed_value(q, f: dict):
     n_next = torch.sign(cross2(q - f["next_a"], d_next))                  # [...]
     before = torch.where(cross2(d_prev, ab) > 0, torch.maximum(n, n_prev), torch.minimum(n, n_prev))  # [...]
     after = torch.where(cross2(ab, d_next) > 0, torch.maximum(n, n_next), torch.minimum(n, n_next))  # [...]
-    sign = torch.where((rel_t < 0) & f["prev_ok"], before, torch.where((rel_t > 1) & f["next_ok"], after, n))  # [...]
+    # [...]
+    sign = torch.where((rel_t < 0) & f["prev_ok"], before, torch.where((rel_t > 1) & f["next_ok"], after, n))
     return sign * dist2d
 
 
@@ -231,7 +234,8 @@ def signed_distance_to_edges(points, edges: dict):
         if v.dim() == ok.dim():                                           # flags [..., E]
             f[k] = v.expand(*lead, v.shape[-1]).gather(-1, best)          # [..., Q]
         else:                                                             # points [..., E, 3]
-            f[k] = v.expand(*lead, *v.shape[-2:]).gather(-2, best.unsqueeze(-1).expand(*best.shape, 3))  # [..., Q, 3]
+            # [..., Q, 3]
+            f[k] = v.expand(*lead, *v.shape[-2:]).gather(-2, best.unsqueeze(-1).expand(*best.shape, 3))
     val = _signed_value(points, f)                                        # [..., Q]
     return torch.where(ok.any(-1, keepdim=True).expand_as(val), val, torch.full_like(val, -BIG))
 
@@ -256,7 +260,8 @@ def box_road_edge_distance(pos, z, yaw, size, edges: dict):
     if at > lead:
         raise ValueError(f"box_road_edge_distance: edges have more leading dims {tuple(edges['valid'].shape[:-1])} "
                          f"than pos {tuple(pos.shape[:-1])}")
-    e = {k: v.reshape(*v.shape[:at], *([1] * (lead - at)), *v.shape[at:]) for k, v in edges.items()}  # [..., E, ...]
+    # [..., E, ...]
+    e = {k: v.reshape(*v.shape[:at], *([1] * (lead - at)), *v.shape[at:]) for k, v in edges.items()}
     corners = _box_bottom_corners(pos, z, yaw, size)                      # [..., 4, 3]
     return signed_distance_to_edges(corners, e).max(dim=-1).values       # [...]
 
@@ -333,11 +338,13 @@ def nearest_segments(q, a, b, ok, buggy: bool = False, G: int = EDGE_GROUP):
     for n0 in range(0, N, step):
         n1 = min(N, n0 + step)
         dist = torch.cdist(m[:, n0:n1], centre, compute_mode="donot_use_mm_for_euclid_dist")  # [B, Nc, Gn]
-        lb = torch.where(g_ok.unsqueeze(1), (dist - radius.unsqueeze(1)).clamp(min=0.0), math.inf)  # [B, Nc, Gn]
+        # [B, Nc, Gn]
+        lb = torch.where(g_ok.unsqueeze(1), (dist - radius.unsqueeze(1)).clamp(min=0.0), math.inf)
         ub = torch.where(g_ok.unsqueeze(1), dist + radius.unsqueeze(1), math.inf)  # [B, Nc, Gn]
         bound = ub.amin(-1) + 2.0 * rho[:, n0:n1]                         # [B, Nc]
         bound = bound + 1e-2 + 1e-4 * bound.abs()                         # float32 rounding margin
-        need = (lb <= bound.unsqueeze(-1)).sum(-1) * torch.isfinite(bound)  # [B, Nc] (0: scene has no segment)
+        # [B, Nc] (0: scene has no segment)
+        need = (lb <= bound.unsqueeze(-1)).sum(-1) * torch.isfinite(bound)
         need, order = need.flatten().sort()                               # [R = B Nc] fewest first
         lb = lb.flatten(0, 1)                                             # [R, Gn]
         row_id = (scene_of * N + torch.arange(n0, n1, device=q.device)).flatten()  # [R] into B N
@@ -349,8 +356,10 @@ def nearest_segments(q, a, b, ok, buggy: bool = False, G: int = EDGE_GROUP):
             j = i + max(1, int((cost <= CHUNK).sum()))
             rows = order[i:j]                                             # [n]
             k = max(1, int(need[j - 1]))
-            groups = lb.index_select(0, rows).topk(k, dim=-1, largest=False).indices.sort(dim=-1).values  # [n, k]
-            groups = groups + group_base.index_select(0, rows).unsqueeze(1)  # [n, k] flat group ids, ascending
+            # [n, k]
+            groups = lb.index_select(0, rows).topk(k, dim=-1, largest=False).indices.sort(dim=-1).values
+            # [n, k] flat group ids, ascending
+            groups = groups + group_base.index_select(0, rows).unsqueeze(1)
             rid = row_id.index_select(0, rows)                            # [n]
             qc = q_flat.index_select(0, rid)                              # [n, P, 3]
             # the same bound once more per point (rho = 0) among the row's k groups
@@ -399,7 +408,8 @@ def road_edge_distance_many(pos, z, yaw, size, table: dict, track: int = 1):
     stretch = pos.new_tensor([1.0, 1.0, Z_STRETCH])                       # [3]
     corners = _box_bottom_corners(pos, z, yaw, size)                      # [B, Q, 4, 3]
     rows = (corners * stretch).view(B, Q // track, 4 * track, 3)          # [B, Qt, 4 track, 3]
-    idx = nearest_segments(rows, table["a"] * stretch, table["b"] * stretch, table["valid"])  # [B, Qt, 4 track]
+    # [B, Qt, 4 track]
+    idx = nearest_segments(rows, table["a"] * stretch, table["b"] * stretch, table["valid"])
     idx = idx.view(B, Q, 4)                                               # [B, Q, 4]
     f = {k: gather_rows(v, idx) for k, v in table.items()}                      # [B, Q, 4, ...]
     return _signed_value(corners, f).amax(dim=-1)                         # [B, Q]

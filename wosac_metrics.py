@@ -140,7 +140,8 @@ def _interaction_features(pos, yaw, valid, size, speed, slots):
     X, Y, H, V, S = flat(pos[..., 0]), flat(pos[..., 1]), flat(yaw), flat(valid), flat(speed)
     C, Sn = torch.cos(H), torch.sin(H)                                    # [B A, N]
     L, W = size[..., 0].flatten(), size[..., 1].flatten()                 # [B A]
-    Li, Wi, Lj, Wj = (v.index_select(0, g).unsqueeze(1) for v, g in ((L, gi), (W, gi), (L, gj), (W, gj)))  # [Np, 1]
+    # [Np, 1]
+    Li, Wi, Lj, Wj = (v.index_select(0, g).unsqueeze(1) for v, g in ((L, gi), (W, gi), (L, gj), (W, gj)))
     Ri, Rj = 0.5 * torch.sqrt(Li ** 2 + Wi ** 2), 0.5 * torch.sqrt(Lj ** 2 + Wj ** 2)  # half diagonals
     ri, rj = 0.5 * torch.minimum(Li, Wi), 0.5 * torch.minimum(Lj, Wj)    # inscribed radii
     dist_out = pos.new_full((B * M, N), BIG)                              # [B M, N]
@@ -163,7 +164,8 @@ def _interaction_features(pos, yaw, valid, size, speed, slots):
         c = torch.sqrt(x * x + y * y)                                     # [Np, Nc]
         lb = torch.where(ok, c - Ri - Rj, math.inf)                       # [Np, Nc]
         ub = torch.where(ok, c - ri - rj, math.inf)                       # [Np, Nc]
-        bound = torch.full((B * M, Nc), math.inf, device=dev).scatter_reduce_(0, rows, ub, "amin")  # [B M, Nc]
+        # [B M, Nc]
+        bound = torch.full((B * M, Nc), math.inf, device=dev).scatter_reduce_(0, rows, ub, "amin")
         bound = bound.index_select(0, row)                                # [Np, Nc]
         p_, n_ = (ok & (lb <= bound + 1e-3 * (1.0 + bound.abs()))).nonzero(as_tuple=True)  # float32 margin
         d = rounded_box_distance(x[p_, n_], y[p_, n_], cos_d[p_, n_], sin_d[p_, n_], Li[p_, 0], Wi[p_, 0],
@@ -182,7 +184,8 @@ def _interaction_features(pos, yaw, valid, size, speed, slots):
         ahead = (Vj & (lon > 0) & (yaw_diff <= MAX_HEADING_DIFF) & (lat < 0)  # [Np, Nc]
                  & ((lat < -SMALL_OVERLAP) | (yaw_diff <= MAX_HEADING_DIFF_SMALL_OVERLAP)))  # ego validity unused
         masked = torch.where(ahead, lon, math.inf)                        # [Np, Nc]
-        gap = torch.full((B * M, Nc), math.inf, device=dev).scatter_reduce_(0, rows, masked, "amin")  # [B M, Nc]
+        # [B M, Nc]
+        gap = torch.full((B * M, Nc), math.inf, device=dev).scatter_reduce_(0, rows, masked, "amin")
         # the nearest box ahead, the first agent on ties (as argmin over agents)
         tie = ahead & (masked == gap.index_select(0, row))                # [Np, Nc]
         j = torch.where(tie, pj.unsqueeze(1), A)                          # [Np, Nc]
@@ -190,7 +193,8 @@ def _interaction_features(pos, yaw, valid, size, speed, slots):
         scene = (torch.arange(B * M, device=dev) // M).unsqueeze(1)       # [B M, 1]
         v_ahead = S[:, c_].gather(0, scene * A + j.clamp(max=A - 1))       # [B M, Nc]
         rel = S[:, c_].index_select(0, gs) - v_ahead                      # speed magnitudes, NaN -> 5
-        ttc = torch.where(rel > 0, torch.clamp(gap / rel, max=MAX_TTC), torch.full_like(rel, MAX_TTC))  # [B M, Nc]
+        # [B M, Nc]
+        ttc = torch.where(rel > 0, torch.clamp(gap / rel, max=MAX_TTC), torch.full_like(rel, MAX_TTC))
         ttc_out[:, c_] = torch.where(j < A, ttc, MAX_TTC)                 # nothing ahead: 5 s
     unflat = lambda x: x.view(B, M, R, Tn).transpose(1, 2)                # [B, R, M, T]
     return unflat(dist_out), unflat(ttc_out)
@@ -222,7 +226,8 @@ def _red_light_violation(scenes, pos, valid):
     if not bool(has_tl.any()):
         return out                                                        # toy scenes: no lights
     bi = has_tl.nonzero()[:, 0]                                           # [B'] scenes with lights
-    is_lane = ((scenes.seg_type == LANE) & (scenes.seg_code == SURFACE_STREET_LANE) & scenes.seg_valid)[bi]  # [B', S]
+    # [B', S]
+    is_lane = ((scenes.seg_type == LANE) & (scenes.seg_code == SURFACE_STREET_LANE) & scenes.seg_valid)[bi]
     idx, ok = compact(is_lane)                                           # [B', Sl]
     if idx.shape[1] == 0:
         return out                                                        # no lanes -> all False
@@ -266,7 +271,8 @@ def _red_light_violation(scenes, pos, valid):
     lane_ok = in_lane.any(-1)                                             # [B', L]
     match = lane[..., 1:].unsqueeze(-1) == tl_lane[:, None, None, None]   # [B', R, M, 80, L]
     v = valid[bi][..., NOW + 1:].unsqueeze(-1)                            # [B', R, M, 80, 1]
-    out[bi] = (v & match & is_stop[:, None, None] & lane_ok[:, None, None, None] & crossed).any(-1)  # [B', R, M, 80]
+    # [B', R, M, 80]
+    out[bi] = (v & match & is_stop[:, None, None] & lane_ok[:, None, None, None] & crossed).any(-1)
     return out
 
 
@@ -280,7 +286,8 @@ def _features(scenes, pos, z, yaw, valid, slots, table) -> dict:
     size = scenes.size                                                    # [B, A, 3]
     fut = slice(NOW + 1, T)
     e_pos, e_z, e_yaw, e_valid = (take(x, slots, 2) for x in (pos, z, yaw, valid))  # [B, R, M, T, (2)]
-    speed, accel, ang_speed, ang_accel = kinematic_features(e_pos[..., 0], e_pos[..., 1], e_z, e_yaw)  # [B, R, M, T]
+    # [B, R, M, T]
+    speed, accel, ang_speed, ang_accel = kinematic_features(e_pos[..., 0], e_pos[..., 1], e_z, e_yaw)
 
     # TTC speeds are 2D (z = 0) central differences over the 91 steps: NaN at the last step -> 5 s
     speed2d = torch.sqrt(central_diff(pos[..., 0]) ** 2 + central_diff(pos[..., 1]) ** 2) / DT  # [B, R, A, T]
@@ -293,8 +300,10 @@ def _features(scenes, pos, z, yaw, valid, slots, table) -> dict:
     fv = e_valid[..., fut]                                                # [B, R, M, 80]
     e_size = take(size, slots, 1)[:, None, :, None].expand(B, R, M, T_FUTURE, 3)  # [B, R, M, 80, 3]
     anchor = table["a"][:, 0] if table["a"].shape[1] else pos.new_zeros(B, 3)  # [B, 3]
-    q_pos = torch.where(fv.unsqueeze(-1), e_pos[..., fut, :], anchor[:, None, None, None, :2])  # [B, R, M, 80, 2]
-    q_z = torch.where(fv, e_z[..., fut], anchor[:, None, None, None, 2] + 0.5 * e_size[..., 2])  # [B, R, M, 80]
+    # [B, R, M, 80, 2]
+    q_pos = torch.where(fv.unsqueeze(-1), e_pos[..., fut, :], anchor[:, None, None, None, :2])
+    # [B, R, M, 80]
+    q_z = torch.where(fv, e_z[..., fut], anchor[:, None, None, None, 2] + 0.5 * e_size[..., 2])
     q_yaw = torch.where(fv, e_yaw[..., fut], torch.zeros_like(q_z))      # [B, R, M, 80]
     road = road_edge_distance_many(q_pos.reshape(B, -1, 2), q_z.reshape(B, -1), q_yaw.reshape(B, -1),
                                     e_size.reshape(B, -1, 3), table, track=TRACK)  # [B, R M 80]

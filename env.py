@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from geometry import box_road_edge_distance, gather_rows, object_distance_matrix, road_edge_table
+from geometry import (box_road_edge_distance, gather_rows, relative_pose_cs, road_edge_table,
+                      rounded_box_distance)
 from scenes import DT, MAP_TYPES, NOW, T, Scenes, apply_local, to_local_xy, wrap_angle
 
 
@@ -74,7 +75,8 @@ class EnvConfig:
     steer_grid: tuple = tuple(round(-0.5 + i / 12, 4) for i in range(13))  # rad, |delta| <= 0.5
 
 
-EGO_DIM = 12        # speed, length, width, type one-hot (3), goal x, goal y, goal dist, collided, offroad, reached
+# speed, length, width, type one-hot (3), goal x, goal y, goal dist, collided, offroad, reached
+EGO_DIM = 12
 PARTNER_DIM = 11    # rel x, rel y, cos dyaw, sin dyaw, rel vx, rel vy, length, width, type one-hot (3)
 ROAD_DIM = 4 + 1 + len(MAP_TYPES)  # mid x, mid y, cos, sin, length, type one-hot
 
@@ -99,12 +101,20 @@ class MultiAgentEnv:
         self.steer_grid = torch.tensor(cfg.steer_grid, device=self.device)  # [Ns]
         self.edges = road_edge_table(scenes)                         # [B, E, ...] per field
         mid = 0.5 * (scenes.seg_start[..., :2] + scenes.seg_end[..., :2])      # [B, S, 2]
-        self.seg_mid = torch.where(scenes.seg_valid.unsqueeze(-1), mid, torch.full_like(mid, 1e6))  # [B, S, 2]
+        # [B, S, 2]
+        self.seg_mid = torch.where(scenes.seg_valid.unsqueeze(-1), mid, torch.full_like(mid, 1e6))
         d = scenes.seg_end[..., :2] - scenes.seg_start[..., :2]         # [B, S, 2]
         self.seg_len = d.norm(dim=-1)                                   # [B, S]
         self.seg_dir = d / self.seg_len.clamp(min=1e-6).unsqueeze(-1)   # [B, S, 2]
         emid = 0.5 * (self.edges["a"][..., :2] + self.edges["b"][..., :2])     # [B, E, 2]
-        self.edge_mid = torch.where(self.edges["valid"].unsqueeze(-1), emid, torch.full_like(emid, 1e6))  # [B, E, 2]
+        # [B, E, 2]
+        self.edge_mid = torch.where(self.edges["valid"].unsqueeze(-1), emid, torch.full_like(emid, 1e6))
+        # collision prefilter: rounded boxes lie inside the disc of their half diagonal, so a pair
+        # can only touch when its centre distance is below the sum of both (+ a float margin)
+        L, W = scenes.size[..., 0], scenes.size[..., 1]                           # [B, A]
+        half_diag = 0.5 * torch.sqrt(L * L + W * W)                               # [B, A]
+        reach = half_diag.unsqueeze(-1) + half_diag.unsqueeze(-2) + 1e-2          # [B, A, A]
+        self.reach2 = torch.where(torch.eye(self.A, dtype=torch.bool, device=self.device), -1.0, reach * reach)
 
     # ---- episode start ---------------------------------------------------------------------
     def reset(self, start_step: int = NOW):
@@ -114,14 +124,17 @@ class MultiAgentEnv:
         self.traj_pos = s.pos.clone()                                        # [B, A, T, 2]
         self.traj_yaw = s.yaw.clone()                                        # [B, A, T]
         self.traj_valid = s.valid.clone()                                    # [B, A, T]
-        ctrl_future = self.controlled.unsqueeze(-1) & (torch.arange(T, device=self.device) > start_step)  # [B, A, T]
-        self.traj_valid = torch.where(ctrl_future, True, self.traj_valid)   # controlled agents live to the end
+        # [B, A, T]
+        ctrl_future = self.controlled.unsqueeze(-1) & (torch.arange(T, device=self.device) > start_step)
+        # controlled agents live to the end
+        self.traj_valid = torch.where(ctrl_future, True, self.traj_valid)
         self.pos = s.pos[:, :, start_step].clone()                           # [B, A, 2]
         self.yaw = s.yaw[:, :, start_step].clone()                           # [B, A]
         self.z = s.z[:, :, start_step].clone()                               # [B, A]
         self.speed = s.vel[:, :, start_step].norm(dim=-1)                    # [B, A]
         self.vel = s.vel[:, :, start_step].clone()                           # [B, A, 2]
-        self.sim = s.valid[:, :, start_step].clone()                         # [B, A] sim agents (WOSAC): valid at the start
+        # [B, A] sim agents (WOSAC): valid at the start
+        self.sim = s.valid[:, :, start_step].clone()
         self.active = self.sim.clone()                                       # [B, A]
         self.goal_reached = torch.zeros_like(self.active)                    # [B, A]
         self.collided = torch.zeros_like(self.active)                        # [B, A] at the last step
@@ -183,17 +196,16 @@ class MultiAgentEnv:
             self._refresh_pools()
         newly = self._events()
         cfg = self.cfg
-        r = cfg.w_goal * newly.float() - cfg.w_coll * self.collided.float() - cfg.w_off * self.offroad.float()  # [B, A]
+        # [B, A]
+        r = cfg.w_goal * newly.float() - cfg.w_coll * self.collided.float() - cfg.w_off * self.offroad.float()
         return torch.where(ctrl, r, torch.zeros_like(r))
 
     # ---- events ----------------------------------------------------------------------------
     def _events(self):
         """Collision, off-road and goal flags at the current step; returns newly reached goals."""
         s, act = self.s, self.active
-        d_obj = object_distance_matrix(self.pos, self.yaw, s.size[..., 0], s.size[..., 1], act)  # [B, A, A]
-        self.collided = (d_obj.min(dim=-1).values < 0.0) & act               # [B, A]
-        edges = {k: gather_rows(v, self.edge_idx) for k, v in self.edges.items()}  # [B, A, C, ...]
-        d_road = box_road_edge_distance(self.pos, self.z, self.yaw, s.size, edges)  # [B, A]
+        self.collided = self._collisions()                                   # [B, A]
+        d_road = box_road_edge_distance(self.pos, self.z, self.yaw, s.size, self.edge_pool)  # [B, A]
         self.offroad = (d_road > 0.0) & act                                  # [B, A]
         self.ever_collided |= self.collided
         self.ever_offroad |= self.offroad
@@ -202,11 +214,31 @@ class MultiAgentEnv:
         self.goal_reached |= reached
         return newly
 
+    def _collisions(self):
+        """collided[b, i] = min_j d_ij < 0 over active j != i, with d the metric's rounded-box
+        distance (geometry.object_distance_matrix), measured only for the pairs whose centres are
+        within the sum of both half diagonals: every other pair has d_ij >= c - R_i - R_j > 0.
+        The same formula on the same per-agent cos / sin, so the flags equal the full matrix's."""
+        act, size = self.active, self.s.size
+        x, y = self.pos[..., 0], self.pos[..., 1]                            # [B, A]
+        dx, dy = x.unsqueeze(-2) - x.unsqueeze(-1), y.unsqueeze(-2) - y.unsqueeze(-1)  # [B, A, A]
+        near = (dx * dx + dy * dy < self.reach2) & act.unsqueeze(-1) & act.unsqueeze(-2)  # [B, A, A]
+        b, i, j = near.nonzero(as_tuple=True)                                # [Np] candidate pairs
+        c, s_ = torch.cos(self.yaw), torch.sin(self.yaw)                     # [B, A]
+        xr, yr, cd, sd = relative_pose_cs(x[b, i], y[b, i], c[b, i], s_[b, i],
+                                          x[b, j], y[b, j], c[b, j], s_[b, j])  # [Np]
+        # [Np]
+        d = rounded_box_distance(xr, yr, cd, sd, size[b, i, 0], size[b, i, 1], size[b, j, 0], size[b, j, 1])
+        hit = torch.zeros(self.B * self.A, dtype=torch.bool, device=self.device)  # [B A]
+        hit[(b * self.A + i)[d < 0.0]] = True
+        return hit.view(self.B, self.A) & act
+
     def _refresh_pools(self):
         """Nearest road-edge segments (off-road checks) and map segments (observations) per agent."""
         n_e = min(self.cfg.n_edge_pool, self.edge_mid.shape[1])
         d_e = torch.cdist(self.pos, self.edge_mid)                           # [B, A, E]
         self.edge_idx = d_e.topk(n_e, dim=-1, largest=False).indices         # [B, A, C]
+        self.edge_pool = {k: gather_rows(v, self.edge_idx) for k, v in self.edges.items()}  # [B, A, C, ...]
         n_r = min(self.cfg.n_road_pool, self.seg_mid.shape[1])
         d_r = torch.cdist(self.pos, self.seg_mid)                            # [B, A, S]
         self.road_idx = d_r.topk(n_r, dim=-1, largest=False).indices         # [B, A, C]
@@ -234,7 +266,8 @@ class MultiAgentEnv:
         ok = self.active.unsqueeze(1) & self.active.unsqueeze(2) & (dist < cfg.obs_radius)  # [B, A, A]
         ok &= ~torch.eye(A, dtype=torch.bool, device=self.device)
         n_p = min(cfg.n_partners, A)
-        d_sel, j = torch.where(ok, dist, torch.full_like(dist, 1e9)).topk(n_p, dim=-1, largest=False)  # [B, A, P]
+        # [B, A, P]
+        d_sel, j = torch.where(ok, dist, torch.full_like(dist, 1e9)).topk(n_p, dim=-1, largest=False)
         p_mask = d_sel < 1e8                                                      # [B, A, P]
         bidx = torch.arange(B, device=self.device).view(B, 1, 1)                  # [B, 1, 1]
         rel = to_local_xy(self.pos[bidx, j], self.pos, self.yaw)                       # [B, A, P, 2]
@@ -243,10 +276,12 @@ class MultiAgentEnv:
             self.vel.unsqueeze(-2), torch.zeros_like(self.pos), self.yaw)          # [B, A, P, 2]
         partners = torch.cat([rel / cfg.obs_radius, torch.cos(dyaw).unsqueeze(-1), torch.sin(dyaw).unsqueeze(-1),
                               rel_v / 30.0, s.size[bidx, j, :2] / torch.tensor([10.0, 5.0], device=self.device),
-                              torch.nn.functional.one_hot(s.agent_type[bidx, j], 3).float()], -1)  # [B, A, P, PARTNER_DIM]
+                              # [B, A, P, PARTNER_DIM]
+                              torch.nn.functional.one_hot(s.agent_type[bidx, j], 3).float()], -1)
         partners = partners * p_mask.unsqueeze(-1)
         pad = cfg.n_partners - n_p   # fixed width, whatever A is, so one policy fits every scene
-        partners = torch.nn.functional.pad(partners, (0, 0, 0, pad))           # [B, A, n_partners, PARTNER_DIM]
+        # [B, A, n_partners, PARTNER_DIM]
+        partners = torch.nn.functional.pad(partners, (0, 0, 0, pad))
         p_mask = torch.nn.functional.pad(p_mask, (0, pad))                     # [B, A, n_partners]
 
         # road: nearest map segments within obs_radius, chosen from the per-agent pool
@@ -260,7 +295,8 @@ class MultiAgentEnv:
         rel_mid = torch.gather(rel_mid, 2, c.unsqueeze(-1).expand(-1, -1, -1, 2))  # [B, A, R, 2]
         dir_ego = to_local_xy(self.seg_dir[bidx, seg], torch.zeros_like(self.pos), self.yaw)  # [B, A, R, 2]
         road = torch.cat([rel_mid / cfg.obs_radius, dir_ego, self.seg_len[bidx, seg].unsqueeze(-1) / 10.0,
-                          torch.nn.functional.one_hot(s.seg_type[bidx, seg], len(MAP_TYPES)).float()], -1)  # [B, A, R, ROAD_DIM]
+                          # [B, A, R, ROAD_DIM]
+                          torch.nn.functional.one_hot(s.seg_type[bidx, seg], len(MAP_TYPES)).float()], -1)
         road = road * r_mask.unsqueeze(-1)
         pad = cfg.n_road - n_r
         road = torch.nn.functional.pad(road, (0, 0, 0, pad))                   # [B, A, n_road, ROAD_DIM]

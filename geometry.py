@@ -133,9 +133,14 @@ def rounded_box_distance(x, y, cos_d, sin_d, len_i, wid_i, len_j, wid_j):
 
 def relative_pose(pos_i, yaw_i, pos_j, yaw_j):
     """Box j seen from box i: centre (x, y) in i's frame and (cos, sin) of h_j - h_i. Broadcasts."""
-    ci, si = torch.cos(yaw_i), torch.sin(yaw_i)                           # [...] per box i
-    cj, sj = torch.cos(yaw_j), torch.sin(yaw_j)                           # [...] per box j
-    dx, dy = pos_j[..., 0] - pos_i[..., 0], pos_j[..., 1] - pos_i[..., 1]  # [...] per pair
+    return relative_pose_cs(pos_i[..., 0], pos_i[..., 1], torch.cos(yaw_i), torch.sin(yaw_i),
+                            pos_j[..., 0], pos_j[..., 1], torch.cos(yaw_j), torch.sin(yaw_j))
+
+
+def relative_pose_cs(xi, yi, ci, si, xj, yj, cj, sj):
+    """relative_pose from coordinates and the cos / sin of both headings (callers that already have
+    them per box skip recomputing them per pair). All [...] broadcasting."""
+    dx, dy = xj - xi, yj - yi                                             # [...] per pair
     x, y = dx * ci + dy * si, -dx * si + dy * ci                          # rotation by -h_i
     return x, y, cj * ci + sj * si, sj * ci - cj * si
 
@@ -144,7 +149,8 @@ def object_distance_matrix(pos, yaw, length, width, valid):
     """Signed rounded-box distances d_ij (3.2): pos [..., A, 2], yaw/length/width/valid [..., A]
     -> [..., A, A]; BIG (1e10) on the diagonal and where box i or box j is invalid.
     Collision of i is `d.min(-1) < 0`."""
-    x, y, cd, sd = relative_pose(pos.unsqueeze(-2), yaw.unsqueeze(-1), pos.unsqueeze(-3), yaw.unsqueeze(-2))  # [..., A, A]
+    # [..., A, A]
+    x, y, cd, sd = relative_pose(pos.unsqueeze(-2), yaw.unsqueeze(-1), pos.unsqueeze(-3), yaw.unsqueeze(-2))
     d = rounded_box_distance(x, y, cd, sd, length.unsqueeze(-1), width.unsqueeze(-1),
                               length.unsqueeze(-2), width.unsqueeze(-2))  # [..., A, A]
     A = pos.shape[-2]
@@ -167,7 +173,8 @@ def road_edge_table(scenes) -> dict:
     of edges (e.g. [B, A, C, ...] candidates) and pass it to signed_distance_to_edges."""
     is_edge = (scenes.seg_type == ROAD_EDGE) & scenes.seg_valid            # [B, S]
     idx, ok = compact(is_edge)                                           # [B, E]
-    out = {"a": gather_rows(scenes.seg_start, idx), "b": gather_rows(scenes.seg_end, idx), "valid": ok}  # [B, E, 3]
+    # [B, E, 3]
+    out = {"a": gather_rows(scenes.seg_start, idx), "b": gather_rows(scenes.seg_end, idx), "valid": ok}
     for name, nb in (("prev", scenes.seg_prev), ("next", scenes.seg_next)):
         j = nb.gather(1, idx)                                             # [B, E] index into S (-1 none)
         jc = j.clamp(min=0)                                               # [B, E]
@@ -203,7 +210,8 @@ def _signed_value(q, f: dict):
     n_next = torch.sign(cross2(q - f["next_a"], d_next))                  # [...]
     before = torch.where(cross2(d_prev, ab) > 0, torch.maximum(n, n_prev), torch.minimum(n, n_prev))  # [...]
     after = torch.where(cross2(ab, d_next) > 0, torch.maximum(n, n_next), torch.minimum(n, n_next))  # [...]
-    sign = torch.where((rel_t < 0) & f["prev_ok"], before, torch.where((rel_t > 1) & f["next_ok"], after, n))  # [...]
+    # [...]
+    sign = torch.where((rel_t < 0) & f["prev_ok"], before, torch.where((rel_t > 1) & f["next_ok"], after, n))
     return sign * dist2d
 
 
@@ -226,7 +234,8 @@ def signed_distance_to_edges(points, edges: dict):
         if v.dim() == ok.dim():                                           # flags [..., E]
             f[k] = v.expand(*lead, v.shape[-1]).gather(-1, best)          # [..., Q]
         else:                                                             # points [..., E, 3]
-            f[k] = v.expand(*lead, *v.shape[-2:]).gather(-2, best.unsqueeze(-1).expand(*best.shape, 3))  # [..., Q, 3]
+            # [..., Q, 3]
+            f[k] = v.expand(*lead, *v.shape[-2:]).gather(-2, best.unsqueeze(-1).expand(*best.shape, 3))
     val = _signed_value(points, f)                                        # [..., Q]
     return torch.where(ok.any(-1, keepdim=True).expand_as(val), val, torch.full_like(val, -BIG))
 
@@ -251,7 +260,8 @@ def box_road_edge_distance(pos, z, yaw, size, edges: dict):
     if at > lead:
         raise ValueError(f"box_road_edge_distance: edges have more leading dims {tuple(edges['valid'].shape[:-1])} "
                          f"than pos {tuple(pos.shape[:-1])}")
-    e = {k: v.reshape(*v.shape[:at], *([1] * (lead - at)), *v.shape[at:]) for k, v in edges.items()}  # [..., E, ...]
+    # [..., E, ...]
+    e = {k: v.reshape(*v.shape[:at], *([1] * (lead - at)), *v.shape[at:]) for k, v in edges.items()}
     corners = _box_bottom_corners(pos, z, yaw, size)                      # [..., 4, 3]
     return signed_distance_to_edges(corners, e).max(dim=-1).values       # [...]
 
@@ -327,12 +337,14 @@ def nearest_segments(q, a, b, ok, buggy: bool = False, G: int = EDGE_GROUP):
     step = max(1, CHUNK // max(1, B * Gn))
     for n0 in range(0, N, step):
         n1 = min(N, n0 + step)
-        dist = (m[:, n0:n1].unsqueeze(2) - centre.unsqueeze(1)).norm(dim=-1)  # [B, Nc, Gn]
-        lb = torch.where(g_ok.unsqueeze(1), (dist - radius.unsqueeze(1)).clamp(min=0.0), math.inf)  # [B, Nc, Gn]
+        dist = torch.cdist(m[:, n0:n1], centre, compute_mode="donot_use_mm_for_euclid_dist")  # [B, Nc, Gn]
+        # [B, Nc, Gn]
+        lb = torch.where(g_ok.unsqueeze(1), (dist - radius.unsqueeze(1)).clamp(min=0.0), math.inf)
         ub = torch.where(g_ok.unsqueeze(1), dist + radius.unsqueeze(1), math.inf)  # [B, Nc, Gn]
         bound = ub.amin(-1) + 2.0 * rho[:, n0:n1]                         # [B, Nc]
         bound = bound + 1e-2 + 1e-4 * bound.abs()                         # float32 rounding margin
-        need = (lb <= bound.unsqueeze(-1)).sum(-1) * torch.isfinite(bound)  # [B, Nc] (0: scene has no segment)
+        # [B, Nc] (0: scene has no segment)
+        need = (lb <= bound.unsqueeze(-1)).sum(-1) * torch.isfinite(bound)
         need, order = need.flatten().sort()                               # [R = B Nc] fewest first
         lb = lb.flatten(0, 1)                                             # [R, Gn]
         row_id = (scene_of * N + torch.arange(n0, n1, device=q.device)).flatten()  # [R] into B N
@@ -344,8 +356,10 @@ def nearest_segments(q, a, b, ok, buggy: bool = False, G: int = EDGE_GROUP):
             j = i + max(1, int((cost <= CHUNK).sum()))
             rows = order[i:j]                                             # [n]
             k = max(1, int(need[j - 1]))
-            groups = lb.index_select(0, rows).topk(k, dim=-1, largest=False).indices.sort(dim=-1).values  # [n, k]
-            groups = groups + group_base.index_select(0, rows).unsqueeze(1)  # [n, k] flat group ids, ascending
+            # [n, k]
+            groups = lb.index_select(0, rows).topk(k, dim=-1, largest=False).indices.sort(dim=-1).values
+            # [n, k] flat group ids, ascending
+            groups = groups + group_base.index_select(0, rows).unsqueeze(1)
             rid = row_id.index_select(0, rows)                            # [n]
             qc = q_flat.index_select(0, rid)                              # [n, P, 3]
             # the same bound once more per point (rho = 0) among the row's k groups
@@ -354,21 +368,30 @@ def nearest_segments(q, a, b, ok, buggy: bool = False, G: int = EDGE_GROUP):
             g_in = _pick(g_ok_flat, groups).unsqueeze(1)                  # [n, 1, k]
             lb_q = torch.where(g_in, (dq - r_g).clamp(min=0.0), math.inf)  # [n, P, k]
             ub_q = torch.where(g_in, dq + r_g, math.inf).amin(-1, keepdim=True)  # [n, P, 1]
-            keep = lb_q <= ub_q + 1e-2 + 1e-4 * ub_q.abs()                # [n, P, k]
-            k2 = max(1, int(keep.sum(-1).max()))
-            lb_k, pick = torch.where(keep, lb_q, math.inf).topk(k2, dim=-1, largest=False)  # [n, P, k2]
-            pick, at = pick.sort(dim=-1)                                  # ascending groups: first on ties
-            g2 = groups.unsqueeze(1).expand(-1, P, -1).gather(-1, pick)   # [n, P, k2] flat group ids
-            kept = torch.isfinite(lb_k.gather(-1, at))                    # [n, P, k2]
-            cand_ok = (offset < _pick(n_flat, g2).unsqueeze(-1)) & kept.unsqueeze(-1)  # [n, P, k2, G]
-            cand = (_pick(first_flat, g2).unsqueeze(-1) + offset).flatten(-2).clamp(max=B * E - 1)  # [n, P, k2 G]
-            ax, ay, az, dx, dy, dz, il = (_pick(w, cand) for w in seg)    # [n, P, k2 G]
-            qax, qay, qaz = (qc[..., c:c + 1] - w for c, w in enumerate((ax, ay, az)))  # [n, P, k2 G]
-            t = ((qax * dx + qay * dy) * il).clamp(0.0, 1.0) * sign       # [n, P, k2 G]
+            keep = (lb_q <= ub_q + 1e-2 + 1e-4 * ub_q.abs()).view(-1, k)  # [n P, k]
+            # only the kept (point, group) pairs are measured: no padding to the busiest point
+            pt, slot = keep.nonzero(as_tuple=True)                        # [Np] point in batch, group slot
+            g2 = groups.view(-1).index_select(0, (pt // P) * k + slot)    # [Np] flat group ids
+            cand = _pick(first_flat, g2).unsqueeze(-1) + offset           # [Np, G] flat segment ids
+            cand_ok = offset < _pick(n_flat, g2).unsqueeze(-1)            # [Np, G]
+            cand = cand.clamp(max=B * E - 1)                              # [Np, G]
+            ax, ay, az, dx, dy, dz, il = (_pick(w, cand) for w in seg)    # [Np, G]
+            qp = qc.view(-1, 3).index_select(0, pt)                       # [Np, 3]
+            qax, qay, qaz = (qp[:, c:c + 1] - w for c, w in enumerate((ax, ay, az)))  # [Np, G]
+            t = ((qax * dx + qay * dy) * il).clamp(0.0, 1.0) * sign       # [Np, G]
             d = (qax + dx * t) ** 2 + (qay + dy * t) ** 2 + (qaz + dz * t) ** 2  # squared distance
-            d = torch.where(cand_ok.flatten(-2), d, math.inf)             # [n, P, k2 G]
-            best = cand.gather(-1, d.argmin(-1, keepdim=True)).squeeze(-1)  # [n, P]
-            idx_out.index_copy_(0, rid, best - E * (rid // N).unsqueeze(1))  # back to per-scene ids
+            d = torch.where(cand_ok, d, math.inf)                         # [Np, G]
+            d_pair, at = d.min(-1)                                        # [Np] first on ties in a group
+            s_pair = cand.gather(-1, at.unsqueeze(-1)).squeeze(-1)        # [Np]
+            # per point: the smallest distance, then the smallest segment id among its ties
+            nP = rows.numel() * P
+            d_best = torch.full((nP,), math.inf, device=q.device).scatter_reduce_(0, pt, d_pair, "amin")
+            s_pair = torch.where(d_pair == d_best.index_select(0, pt), s_pair, B * E)  # [Np]
+            best = torch.full((nP,), B * E, device=q.device).scatter_reduce_(0, pt, s_pair, "amin")  # [n P]
+            best = best.view(-1, P)                                       # [n, P]
+            base = E * (rid // N).unsqueeze(1)                            # [n, 1] first id of the scene
+            best = torch.where(best >= B * E, base, best)                 # no valid segment: 0
+            idx_out.index_copy_(0, rid, best - base)                      # back to per-scene ids
             i = j
     return idx_out.view(B, N, P)
 
@@ -385,7 +408,8 @@ def road_edge_distance_many(pos, z, yaw, size, table: dict, track: int = 1):
     stretch = pos.new_tensor([1.0, 1.0, Z_STRETCH])                       # [3]
     corners = _box_bottom_corners(pos, z, yaw, size)                      # [B, Q, 4, 3]
     rows = (corners * stretch).view(B, Q // track, 4 * track, 3)          # [B, Qt, 4 track, 3]
-    idx = nearest_segments(rows, table["a"] * stretch, table["b"] * stretch, table["valid"])  # [B, Qt, 4 track]
+    # [B, Qt, 4 track]
+    idx = nearest_segments(rows, table["a"] * stretch, table["b"] * stretch, table["valid"])
     idx = idx.view(B, Q, 4)                                               # [B, Q, 4]
     f = {k: gather_rows(v, idx) for k, v in table.items()}                      # [B, Q, 4, ...]
     return _signed_value(corners, f).amax(dim=-1)                         # [B, Q]

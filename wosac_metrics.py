@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from geometry import (BIG, CHUNK, compact, div_no_nan, dot2, gather_rows, nearest_segments, relative_pose,
+from geometry import (BIG, CHUNK, compact, div_no_nan, dot2, gather_rows, nearest_segments, relative_pose_cs,
                       road_edge_distance_many, road_edge_table, rounded_box_distance, take)
 from scenes import DT, LANE, NOW, SURFACE_STREET_LANE, T, T_FUTURE, wrap_angle
 
@@ -51,7 +51,7 @@ SMALL_OVERLAP = 0.5               # m, lateral overlap below which the tighter h
 MAX_TTC = 5.0                     # s, MAXIMUM_TIME_TO_COLLISION
 TL_STOP_STATES = (1, 4)           # ARROW_STOP, STOP (FLASHING_STOP = 7 does not count) (3.5)
 VEHICLE = 0                       # agent_type of vehicles (scenes.AGENT_TYPES)
-TRACK = 8                         # consecutive steps of one agent sharing one candidate search
+TRACK = 16                        # consecutive steps of one agent sharing one candidate search
 
 # Section 6: (estimator, min, max, bins) per feature, and the meta-metric weights of each version.
 FEATURES = ("linear_speed", "linear_acceleration", "angular_speed", "angular_acceleration",
@@ -121,60 +121,82 @@ def _interaction_features(pos, yaw, valid, size, speed, slots):
 
     pos [B, R, A, T, 2], yaw/valid/speed [B, R, A, T] (valid already False for non-sim agents;
     speed: 2D central-difference speed), size [B, A, 3], slots [B, M] -> two [B, R, M, T].
-    Every (rollout, step) is independent: they are flattened to N = R T and processed in chunks."""
+
+    Only the pairs that can matter are listed: (scene, slot, agent) with the agent valid somewhere
+    in the scene (a sim agent) and not the slot's own agent. A WOMD batch pads A to its largest
+    scene while most scenes hold far fewer sim agents, so this list is several times shorter than
+    [B, M, A]. Every (rollout, step) is independent: they are the columns N = R T of [pairs, N]
+    tensors, processed in chunks, reduced per (scene, slot) row with scatter_reduce."""
     B, R, A, Tn = yaw.shape
-    M, N = slots.shape[1], R * Tn
-    L, W = size[..., 0], size[..., 1]                                     # [B, A]
-    Li = take(L, slots, 1)[:, None, :, None]                             # [B, 1, M, 1]
-    Wi = take(W, slots, 1)[:, None, :, None]                             # [B, 1, M, 1]
-    Lj, Wj = L[:, None, None, :], W[:, None, None, :]                     # [B, 1, 1, A]
+    M, N, dev = slots.shape[1], R * Tn, pos.device
+    obstacle = valid.any(dim=3).any(dim=1)                                # [B, A] ever valid
+    pair = obstacle.unsqueeze(1) & (slots.unsqueeze(-1) != torch.arange(A, device=dev))  # [B, M, A]
+    pb, pm, pj = pair.nonzero(as_tuple=True)                              # [Np] each
+    row = pb * M + pm                                                     # [Np] output row (scene, slot)
+    gi = pb * A + slots[pb, pm]                                           # [Np] flat slot agent
+    gj = pb * A + pj                                                      # [Np] flat other agent
+    gs = (torch.arange(B, device=dev).unsqueeze(1) * A + slots).flatten()  # [B M] flat slot agents
+    flat = lambda x: x.permute(0, 2, 1, 3).reshape(B * A, N)              # [B A, R T] agent-major
+    X, Y, H, V, S = flat(pos[..., 0]), flat(pos[..., 1]), flat(yaw), flat(valid), flat(speed)
+    C, Sn = torch.cos(H), torch.sin(H)                                    # [B A, N]
+    L, W = size[..., 0].flatten(), size[..., 1].flatten()                 # [B A]
+    # [Np, 1]
+    Li, Wi, Lj, Wj = (v.index_select(0, g).unsqueeze(1) for v, g in ((L, gi), (W, gi), (L, gj), (W, gj)))
     Ri, Rj = 0.5 * torch.sqrt(Li ** 2 + Wi ** 2), 0.5 * torch.sqrt(Lj ** 2 + Wj ** 2)  # half diagonals
     ri, rj = 0.5 * torch.minimum(Li, Wi), 0.5 * torch.minimum(Lj, Wj)    # inscribed radii
-    not_self = (slots.unsqueeze(-1) != torch.arange(A, device=pos.device)).unsqueeze(1)  # [B, 1, M, A]
-    flat = lambda x: x.transpose(2, 3).reshape(B, N, A, *x.shape[4:])     # [B, R T, A, ...]
-    P, H, V, S = flat(pos), flat(yaw), flat(valid), flat(speed)           # [B, N, A, (2)]
-    Pi, Hi, Vi, Si = (take(x, slots, 2) for x in (P, H, V, S))           # [B, N, M, (2)]
-    dist_out = pos.new_empty(B, N, M)                                     # [B, N, M]
-    ttc_out = pos.new_empty(B, N, M)                                      # [B, N, M]
-    step = max(1, CHUNK // max(1, B * M * A))
+    dist_out = pos.new_full((B * M, N), BIG)                              # [B M, N]
+    ttc_out = pos.new_full((B * M, N), MAX_TTC)                           # [B M, N]
+    step = max(1, CHUNK // max(1, pj.numel()))
     for n0 in range(0, N, step):
         c_ = slice(n0, min(N, n0 + step))
-        x, y, cos_d, sin_d = relative_pose(Pi[:, c_].unsqueeze(-2), Hi[:, c_].unsqueeze(-1),
-                                            P[:, c_].unsqueeze(-3), H[:, c_].unsqueeze(-2))  # [B, Nc, M, A]
+        Nc = c_.stop - n0
+        pick = lambda Z, g: Z[:, c_].index_select(0, g)                   # [Np, Nc]
+        rows = row.unsqueeze(1).expand(-1, Nc)                            # [Np, Nc]
+        x, y, cos_d, sin_d = relative_pose_cs(pick(X, gi), pick(Y, gi), pick(C, gi), pick(Sn, gi),
+                                              pick(X, gj), pick(Y, gj), pick(C, gj), pick(Sn, gj))  # [Np, Nc]
+        Vj = pick(V, gj)                                                  # [Np, Nc]
 
-        # 3.2: rounded-box distance, BIG for self pairs and invalid boxes, min over the others.
-        # Exact d_ij is only needed for the pairs that can be the minimum: a rounded box lies
-        # between the discs of radius min(L, W)/2 and its half diagonal around its centre, so with
-        # centre distance c: c - Ri - Rj <= d_ij <= c - ri - rj.
-        ok = Vi[:, c_].unsqueeze(-1) & V[:, c_].unsqueeze(-2) & not_self  # [B, Nc, M, A]
-        c = torch.sqrt(x * x + y * y)                                     # [B, Nc, M, A]
-        lb = torch.where(ok, c - Ri - Rj, math.inf)                       # [B, Nc, M, A]
-        bound = torch.where(ok, c - ri - rj, math.inf).amin(-1, keepdim=True)  # [B, Nc, M, 1]
-        maybe = ok & (lb <= bound + 1e-3 * (1.0 + bound.abs()))           # float32 margin
-        k = max(1, int(maybe.sum(-1).max()))
-        j = torch.where(maybe, lb, math.inf).topk(k, dim=-1, largest=False).indices  # [B, Nc, M, k]
-        pick = lambda v: v.expand_as(lb).gather(-1, j)                    # [B, Nc, M, k]
-        d = rounded_box_distance(pick(x), pick(y), pick(cos_d), pick(sin_d), Li, Wi, pick(Lj), pick(Wj))  # [B, Nc, M, k]
-        dist_out[:, c_] = torch.where(pick(maybe), d, BIG).amin(-1)       # [B, Nc, M]
+        # 3.2: rounded-box distance, BIG for invalid boxes, min over the others. Exact d_ij is
+        # only needed for the pairs that can be the minimum: a rounded box lies between the discs
+        # of radius min(L, W)/2 and its half diagonal around its centre, so with centre distance
+        # c: c - Ri - Rj <= d_ij <= c - ri - rj.
+        ok = pick(V, gi) & Vj                                             # [Np, Nc]
+        c = torch.sqrt(x * x + y * y)                                     # [Np, Nc]
+        lb = torch.where(ok, c - Ri - Rj, math.inf)                       # [Np, Nc]
+        ub = torch.where(ok, c - ri - rj, math.inf)                       # [Np, Nc]
+        # [B M, Nc]
+        bound = torch.full((B * M, Nc), math.inf, device=dev).scatter_reduce_(0, rows, ub, "amin")
+        bound = bound.index_select(0, row)                                # [Np, Nc]
+        p_, n_ = (ok & (lb <= bound + 1e-3 * (1.0 + bound.abs()))).nonzero(as_tuple=True)  # float32 margin
+        d = rounded_box_distance(x[p_, n_], y[p_, n_], cos_d[p_, n_], sin_d[p_, n_], Li[p_, 0], Wi[p_, 0],
+                                 Lj[p_, 0], Wj[p_, 0])                    # [Nm]
+        dist = torch.full((B * M * Nc,), BIG, device=dev).scatter_reduce_(0, row[p_] * Nc + n_, d, "amin")
+        dist_out[:, c_] = dist.view(B * M, Nc)
 
         # 3.3: the box ahead. yaw_diff is NOT wrapped (+179 deg vs -179 deg gives 358 deg: rejected);
         # |cos|, |sin| of it equal those of h_j - h_i, already at hand.
-        yaw_diff = (H[:, c_].unsqueeze(-2) - Hi[:, c_].unsqueeze(-1)).abs()  # [B, Nc, M, A]
-        ac, as_ = cos_d.abs(), sin_d.abs()                                # [B, Nc, M, A]
-        long_off = 0.5 * Lj * ac + 0.5 * Wj * as_                        # [B, Nc, M, A] other's nearest corner
-        lat_off = 0.5 * Lj * as_ + 0.5 * Wj * ac                         # [B, Nc, M, A]
-        lon = x - 0.5 * Li - long_off                                     # [B, Nc, M, A] ahead of ego's front
-        lat = y.abs() - 0.5 * Wi - lat_off                                # [B, Nc, M, A] < 0: overlap
-        ahead = (V[:, c_].unsqueeze(-2) & (lon > 0) & (yaw_diff <= MAX_HEADING_DIFF) & (lat < 0)  # [B, Nc, M, A]
+        yaw_diff = (pick(H, gj) - pick(H, gi)).abs()                      # [Np, Nc]
+        ac, as_ = cos_d.abs(), sin_d.abs()                                # [Np, Nc]
+        long_off = 0.5 * Lj * ac + 0.5 * Wj * as_                        # [Np, Nc] other's nearest corner
+        lat_off = 0.5 * Lj * as_ + 0.5 * Wj * ac                         # [Np, Nc]
+        lon = x - 0.5 * Li - long_off                                     # [Np, Nc] ahead of ego's front
+        lat = y.abs() - 0.5 * Wi - lat_off                                # [Np, Nc] < 0: overlap
+        ahead = (Vj & (lon > 0) & (yaw_diff <= MAX_HEADING_DIFF) & (lat < 0)  # [Np, Nc]
                  & ((lat < -SMALL_OVERLAP) | (yaw_diff <= MAX_HEADING_DIFF_SMALL_OVERLAP)))  # ego validity unused
-        masked = lon + (~ahead).to(lon.dtype) * BIG                       # [B, Nc, M, A]
-        j = masked.argmin(-1, keepdim=True)                               # [B, Nc, M, 1]
-        gap = masked.gather(-1, j).squeeze(-1)                            # [B, Nc, M]
-        v_ahead = S[:, c_].unsqueeze(-2).expand_as(masked).gather(-1, j).squeeze(-1)  # [B, Nc, M]
-        rel = Si[:, c_] - v_ahead                                         # speed magnitudes, NaN -> 5
-        ttc = torch.where(rel > 0, torch.clamp(gap / rel, max=MAX_TTC), torch.full_like(rel, MAX_TTC))  # [B, Nc, M]
-        ttc_out[:, c_] = ttc
-    unflat = lambda x: x.view(B, R, Tn, M).transpose(2, 3)                # [B, R, M, T]
+        masked = torch.where(ahead, lon, math.inf)                        # [Np, Nc]
+        # [B M, Nc]
+        gap = torch.full((B * M, Nc), math.inf, device=dev).scatter_reduce_(0, rows, masked, "amin")
+        # the nearest box ahead, the first agent on ties (as argmin over agents)
+        tie = ahead & (masked == gap.index_select(0, row))                # [Np, Nc]
+        j = torch.where(tie, pj.unsqueeze(1), A)                          # [Np, Nc]
+        j = torch.full((B * M, Nc), A, device=dev).scatter_reduce_(0, rows, j, "amin")  # [B M, Nc]
+        scene = (torch.arange(B * M, device=dev) // M).unsqueeze(1)       # [B M, 1]
+        v_ahead = S[:, c_].gather(0, scene * A + j.clamp(max=A - 1))       # [B M, Nc]
+        rel = S[:, c_].index_select(0, gs) - v_ahead                      # speed magnitudes, NaN -> 5
+        # [B M, Nc]
+        ttc = torch.where(rel > 0, torch.clamp(gap / rel, max=MAX_TTC), torch.full_like(rel, MAX_TTC))
+        ttc_out[:, c_] = torch.where(j < A, ttc, MAX_TTC)                 # nothing ahead: 5 s
+    unflat = lambda x: x.view(B, M, R, Tn).transpose(1, 2)                # [B, R, M, T]
     return unflat(dist_out), unflat(ttc_out)
 
 
@@ -204,7 +226,8 @@ def _red_light_violation(scenes, pos, valid):
     if not bool(has_tl.any()):
         return out                                                        # toy scenes: no lights
     bi = has_tl.nonzero()[:, 0]                                           # [B'] scenes with lights
-    is_lane = ((scenes.seg_type == LANE) & (scenes.seg_code == SURFACE_STREET_LANE) & scenes.seg_valid)[bi]  # [B', S]
+    # [B', S]
+    is_lane = ((scenes.seg_type == LANE) & (scenes.seg_code == SURFACE_STREET_LANE) & scenes.seg_valid)[bi]
     idx, ok = compact(is_lane)                                           # [B', Sl]
     if idx.shape[1] == 0:
         return out                                                        # no lanes -> all False
@@ -248,7 +271,8 @@ def _red_light_violation(scenes, pos, valid):
     lane_ok = in_lane.any(-1)                                             # [B', L]
     match = lane[..., 1:].unsqueeze(-1) == tl_lane[:, None, None, None]   # [B', R, M, 80, L]
     v = valid[bi][..., NOW + 1:].unsqueeze(-1)                            # [B', R, M, 80, 1]
-    out[bi] = (v & match & is_stop[:, None, None] & lane_ok[:, None, None, None] & crossed).any(-1)  # [B', R, M, 80]
+    # [B', R, M, 80]
+    out[bi] = (v & match & is_stop[:, None, None] & lane_ok[:, None, None, None] & crossed).any(-1)
     return out
 
 
@@ -262,7 +286,8 @@ def _features(scenes, pos, z, yaw, valid, slots, table) -> dict:
     size = scenes.size                                                    # [B, A, 3]
     fut = slice(NOW + 1, T)
     e_pos, e_z, e_yaw, e_valid = (take(x, slots, 2) for x in (pos, z, yaw, valid))  # [B, R, M, T, (2)]
-    speed, accel, ang_speed, ang_accel = kinematic_features(e_pos[..., 0], e_pos[..., 1], e_z, e_yaw)  # [B, R, M, T]
+    # [B, R, M, T]
+    speed, accel, ang_speed, ang_accel = kinematic_features(e_pos[..., 0], e_pos[..., 1], e_z, e_yaw)
 
     # TTC speeds are 2D (z = 0) central differences over the 91 steps: NaN at the last step -> 5 s
     speed2d = torch.sqrt(central_diff(pos[..., 0]) ** 2 + central_diff(pos[..., 1]) ** 2) / DT  # [B, R, A, T]
@@ -275,8 +300,10 @@ def _features(scenes, pos, z, yaw, valid, slots, table) -> dict:
     fv = e_valid[..., fut]                                                # [B, R, M, 80]
     e_size = take(size, slots, 1)[:, None, :, None].expand(B, R, M, T_FUTURE, 3)  # [B, R, M, 80, 3]
     anchor = table["a"][:, 0] if table["a"].shape[1] else pos.new_zeros(B, 3)  # [B, 3]
-    q_pos = torch.where(fv.unsqueeze(-1), e_pos[..., fut, :], anchor[:, None, None, None, :2])  # [B, R, M, 80, 2]
-    q_z = torch.where(fv, e_z[..., fut], anchor[:, None, None, None, 2] + 0.5 * e_size[..., 2])  # [B, R, M, 80]
+    # [B, R, M, 80, 2]
+    q_pos = torch.where(fv.unsqueeze(-1), e_pos[..., fut, :], anchor[:, None, None, None, :2])
+    # [B, R, M, 80]
+    q_z = torch.where(fv, e_z[..., fut], anchor[:, None, None, None, 2] + 0.5 * e_size[..., 2])
     q_yaw = torch.where(fv, e_yaw[..., fut], torch.zeros_like(q_z))      # [B, R, M, 80]
     road = road_edge_distance_many(q_pos.reshape(B, -1, 2), q_z.reshape(B, -1), q_yaw.reshape(B, -1),
                                     e_size.reshape(B, -1, 3), table, track=TRACK)  # [B, R M 80]

@@ -26,8 +26,9 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import reference_model as RM
-from evaluate import (TABLE_KEYS, evaluate_model, format_table, paired_table, reference_rollout,
+from evaluate import (TABLE_KEYS, evaluate_model, format_table, paired_table, reference_rollout, rft_curves,
                       score_method, seed_table)
+from pictures import plot_curves
 from scenes import save_atomic
 
 
@@ -224,6 +225,9 @@ def print_r1_tables(run: Run, cfg, variants: tuple, n_test: int, runs: Path, row
         print(seed_table(seeds, TABLE_KEYS))
         print("\npaired per-seed differences, mean [95 % interval] (same seed, same SFT-1):")
         print(paired_table(seeds, (("SFT-RFT-SFT", "SFT-SFT"), ("SFT-RFT", "SFT")), TABLE_KEYS))
+    if run.writer:
+        plot_curves(runs / "r1" / "rft_curves.png", rft_curves(runs))
+        print(f"RFT curves of every seed: {runs / 'r1' / 'rft_curves.png'}")
     print(f"checkpoints: {run.dir}/*.pt\nlog and results: {run.log_path}")
 
 

@@ -106,3 +106,28 @@ def test_log_replay_on_real_scenes_flags_what_the_metric_flags():
     assert e["metric_offroad"].any() and e["metric_collision"].any()
     assert torch.equal(e["env_collision"], e["metric_collision"])
     assert torch.equal(e["env_offroad"], e["metric_offroad"])
+
+
+def test_paired_difference_known_answer():
+    """Differences 1, 2, 3: mean 2, std 1, 95 % half-width t(2) * 1 / sqrt(3) with t(2) = 4.303."""
+    d = E.paired_difference([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert d["mean"] == pytest.approx(2.0) and d["std"] == pytest.approx(1.0) and d["n"] == 3
+    half = 4.303 / 3 ** 0.5
+    assert d["lo"] == pytest.approx(2.0 - half) and d["hi"] == pytest.approx(2.0 + half)
+    assert d["per_seed"] == pytest.approx([1.0, 2.0, 3.0])
+
+
+def test_paired_table_uses_only_seeds_with_both_rows():
+    evals = [dict(a=dict(m=0.5), b=dict(m=0.4)), dict(a=dict(m=0.7), b=dict(m=0.4)), dict(a=dict(m=0.9))]
+    line = E.paired_table(evals, (("a", "b"),), ("m",)).splitlines()[-1]
+    assert line.startswith("| a - b | 2 |") and "+0.2000" in line       # seeds 0 and 1 only: mean 0.2
+
+
+def test_rft_curves_read_every_default_seed(tmp_path):
+    for name, reward in (("seed0", [0.5, 0.6]), ("seed1", [0.4, 0.45]), ("seed0_lr1e-05", [0.1])):
+        hist = [dict(reward=r, kl_exact=0.01 * i, entropy=4.0) for i, r in enumerate(reward)]
+        (tmp_path / "r1" / name).mkdir(parents=True)
+        (tmp_path / "r1" / name / "log.json").write_text(json.dumps(dict(rft_mpo=hist)))
+    curves = E.rft_curves(tmp_path)
+    assert curves["MPO: realism reward per RFT step"] == {"seed0": [0.5, 0.6], "seed1": [0.4, 0.45]}
+    assert curves["MPO: KL(pi || pi_SFT-1) per RFT step"]["seed1"] == [0.0, 0.01]

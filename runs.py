@@ -28,27 +28,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import reference_model as RM
 from evaluate import (TABLE_KEYS, evaluate_model, format_table, paired_table, reference_rollout,
                       score_method, seed_table)
-from scenes import save_atomic
+from scenes import check_finite, save_atomic  # check_finite: train.py imports it from here
 
 
 RUN_FILES = ("*.pt", "log.json")           # what a stage writes into its run folder
-
-
-def check_finite(value, what: str) -> None:
-    """Raise FloatingPointError naming `what` (and the entry inside it) when a tensor or a float in
-    `value` (or in the dicts, lists and tuples it holds) is NaN or infinite."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            check_finite(v, f"{what}[{k!r}]")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            check_finite(v, f"{what}[{i}]")
-    elif isinstance(value, torch.Tensor) and value.is_floating_point():
-        if not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise FloatingPointError(f"{what} is not finite ({value.item() if value.numel() == 1 else bad})")
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise FloatingPointError(f"{what} is not finite ({value})")
 
 
 def check_gradients(stage: str, steps, optimizer, args, kwargs) -> None:

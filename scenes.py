@@ -10,7 +10,8 @@ lies on the left of the point order), because the signed distance to the road ed
 "off-road", is defined by it (`research/wosac.md` 3.4).
 
 Also here, because every other file uses them: batching (collate / select / repeat), caching
-with one atomic save, and the pose algebra of local frames,
+with one atomic save, the finiteness check that stops training on a NaN (`check_finite`), and
+the pose algebra of local frames,
 
     apply_local:  (x, y)_j = (x0, y0) + R(yaw0) (x_j, y_j),   yaw_j = wrap(yaw0 + yaw_j)
     to_local:     its inverse,  (x_j, y_j) = R(-yaw0) ((x, y)_j - (x0, y0)).
@@ -166,6 +167,23 @@ def batch_of(split: Scenes, enc: dict, device, idx) -> tuple:
     """Scenes `idx` of a split, trimmed, on `device`, with their log tokens (enc [B, A, ...] each)."""
     s, tk = trim(split.select(idx), {k: v[idx] for k, v in enc.items()})
     return s.to(device), {k: v.to(device) for k, v in tk.items()}
+
+
+def check_finite(value, what: str) -> None:
+    """Raise FloatingPointError naming `what` (and the entry inside it) when a tensor or a float in
+    `value` (or in the dicts, lists and tuples it holds) is NaN or infinite."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, f"{what}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_finite(v, f"{what}[{i}]")
+    elif isinstance(value, torch.Tensor) and value.is_floating_point():
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise FloatingPointError(f"{what} is not finite ({value.item() if value.numel() == 1 else bad})")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise FloatingPointError(f"{what} is not finite ({value})")
 
 
 def save_atomic(obj, path) -> None:

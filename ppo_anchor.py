@@ -63,7 +63,6 @@ also learns to drive without a goal.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -72,7 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from env import EGO_DIM, PARTNER_DIM, ROAD_DIM, EnvConfig, MultiAgentEnv
-from scenes import NOW, T, Scenes, check_finite
+from scenes import NOW, T, Scenes, check_finite, read_file
 
 GOAL_FEATURES = slice(6, 9)  # goal x, goal y, goal distance in env.observe's ego layout
 N_TYPES = 3                  # vehicle, pedestrian, cyclist
@@ -587,13 +586,13 @@ def policy_rollout(policy: LateFusionPolicy, scenes: Scenes, R: int, table: torc
 
 def load_policy(path, device="cpu") -> tuple:
     """(policy in eval mode, SpacerConfig) from a policy.pt written by train.py --stage spacer."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no policy checkpoint; run `python train.py --stage spacer` first")
-    d = torch.load(path, map_location=device, weights_only=True)
-    for key in ("policy", "K", "cfg"):
-        if key not in d:
-            raise ValueError(f"{path}: not a SPACeR policy checkpoint (missing '{key}')")
-    cfg = SpacerConfig(**d["cfg"])
-    policy = LateFusionPolicy(d["K"], cfg.embed, cfg.hidden, cfg.type_heads).to(device)
-    policy.load_state_dict(d["policy"])
+    fix = "run `python train.py --stage spacer` (--overwrite to replace a corrupt run)"
+    d = read_file(path, "a SPACeR policy checkpoint", fix, keys=("policy", "K", "cfg"), device=device)
+    try:
+        cfg = SpacerConfig(**d["cfg"])
+        policy = LateFusionPolicy(d["K"], cfg.embed, cfg.hidden, cfg.type_heads).to(device)
+        policy.load_state_dict(d["policy"])
+    except (TypeError, RuntimeError, ValueError) as e:  # a config or weights of another shape
+        raise ValueError(f"{path}: not a SPACeR policy checkpoint of this code ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}); {fix}") from None
     return policy.eval(), cfg

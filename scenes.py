@@ -19,6 +19,8 @@ the pose algebra of local frames,
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import os
@@ -186,17 +188,64 @@ def check_finite(value, what: str) -> None:
         raise FloatingPointError(f"{what} is not finite ({value})")
 
 
+def checksum_path(path: Path) -> Path:
+    """The sha256 sidecar of a torch file (`bc.pt` -> `bc.pt.sha256`)."""
+    return path.with_name(path.name + ".sha256")
+
+
 def save_atomic(obj, path) -> None:
     """The one way files are written: to a temporary file, then renamed, so a crash never leaves
-    half a file. A `.json` path gets JSON text, anything else `torch.save`."""
+    half a file. A `.json` path gets JSON text, anything else `torch.save` and a sha256 sidecar
+    (`checksum_path`) that read_file checks, so a bit flipped later is caught, not loaded."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     if path.suffix == ".json":
         tmp.write_text(json.dumps(obj, indent=1))
-    else:
-        torch.save(obj, tmp)
+        os.replace(tmp, path)
+        return
+    torch.save(obj, tmp)
+    side, side_tmp = checksum_path(path), checksum_path(tmp)
+    side_tmp.write_text(hashlib.sha256(tmp.read_bytes()).hexdigest())
     os.replace(tmp, path)
+    os.replace(side_tmp, side)
+
+
+def read_file(path, what: str, fix: str, keys: tuple = (), device="cpu") -> dict:
+    """The one way checkpoints, logs and caches are read: a `.json` path as JSON, anything else with
+    torch.load(weights_only=True) (tensors and plain containers only: never unpickle code), then
+    checked to be a dict holding `keys`. Every failure (missing, empty, truncated, corrupt, a
+    checksum that no longer matches, not a dict, a key missing) raises FileNotFoundError or
+    ValueError naming the file, `what` it should hold, and `fix`, what the user can do about it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (expected {what}); {fix}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), expected {what}; {fix}")
+    if path.suffix == ".json":
+        try:
+            obj = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e}), expected {what}; {fix}") from None
+    else:
+        side = checksum_path(path)
+        data = path.read_bytes()
+        if side.is_file() and side.read_text().strip() != hashlib.sha256(data).hexdigest():
+            raise ValueError(f"{path}: its bytes no longer match the checksum written with it ({side}): the "
+                             f"file is corrupt, expected {what}; {fix}")
+        try:
+            obj = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        # truncated or random bytes raise many kinds of error, and torch's message would advise an unsafe
+        # load: name the kind only
+        except Exception as e:
+            raise ValueError(f"{path}: cannot be read as a torch file ({type(e).__name__}; truncated or "
+                             f"corrupt), expected {what}; {fix}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}, expected {what} (a dict); {fix}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise ValueError(f"{path}: lacks {missing}, expected {what}; {fix}")
+    return obj
 
 
 def save_scenes(scenes: Scenes, path) -> None:
@@ -204,10 +253,9 @@ def save_scenes(scenes: Scenes, path) -> None:
 
 
 def load_scenes(path) -> Scenes:
-    d = torch.load(path, map_location="cpu", weights_only=True)
-    missing = [f.name for f in dataclasses.fields(Scenes) if f.name not in d]
-    if missing:
-        raise ValueError(f"{path}: cached scenes lack fields {missing}; delete the file to regenerate it")
+    """Scenes saved by save_scenes; any fault raises read_file's named error."""
+    d = read_file(path, "cached scenes (save_scenes)", "delete the file to regenerate it",
+                  keys=tuple(f.name for f in dataclasses.fields(Scenes)))
     return Scenes(**d)
 
 

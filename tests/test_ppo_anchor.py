@@ -1,6 +1,7 @@
 """SPACeR pieces: exact KL, GAE, the anchored reward of the executed token, and a short anchored
 run that pulls the policy toward a (stand-in) reference distribution."""
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -240,3 +241,20 @@ def test_return_scaler_rejects_a_non_finite_reward_and_keeps_its_statistics():
     bad[2, 0, 1], bad[1, 0, 2] = 1.0, float("inf")                               # an agent that does not count
     out = scaler(bad, mask)
     assert bool(torch.isfinite(out[:, mask]).all()) and math.isfinite(scaler.var)
+
+
+def test_load_policy_names_a_wrong_shape_or_corrupt_checkpoint(tmp_path):
+    cfg = pa.SpacerConfig()
+    other = pa.LateFusionPolicy(K + 1)                                # weights for another vocabulary
+    save_atomic(dict(policy=other.state_dict(), K=K, cfg=dataclasses.asdict(cfg)), tmp_path / "policy.pt")
+    with pytest.raises(ValueError, match=r"policy\.pt: not a SPACeR policy checkpoint of this code "
+                                         r"\(RuntimeError: .*size mismatch.*--stage spacer"):
+        pa.load_policy(tmp_path / "policy.pt")
+    save_atomic(dict(policy=other.state_dict(), K=K + 1), tmp_path / "policy.pt")
+    with pytest.raises(ValueError, match=r"policy\.pt: lacks \['cfg'\], expected a SPACeR policy checkpoint"):
+        pa.load_policy(tmp_path / "policy.pt")
+    (tmp_path / "policy.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"policy\.pt: empty file"):
+        pa.load_policy(tmp_path / "policy.pt")
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.pt: not found .*--stage spacer"):
+        pa.load_policy(tmp_path / "nowhere.pt")

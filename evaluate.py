@@ -33,7 +33,7 @@ from env import EnvConfig, MultiAgentEnv
 from human_driver import HumanDriver
 from scenes import DT, NOW, T, Scenes, read_file, save_atomic
 from toy_scenes import make_toy_scenes, toy_dataset
-from womd import find_womd_examples, load_womd_dir
+from womd import find_womd_examples, load_womd_dir, missing_womd_examples
 from wosac_metrics import dataset_means, score_rollouts, trajectory_features
 
 TABLE_KEYS = ("realism_meta", "kinematic", "interactive", "map_based", "min_ade",
@@ -281,6 +281,8 @@ def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int 
     root = find_womd_examples() if womd else None
     if root is not None:
         suites["womd"] = load_womd_dir(root)
+    elif womd:
+        print(f"eval: the WOMD suite is skipped: {missing_womd_examples()}")
     results = dict(R=R, seed=seed, device=str(device), date=time.strftime("%Y-%m-%d"), suites={})
     for suite, scenes in suites.items():
         scenes = scenes.to(device)
@@ -433,7 +435,7 @@ def env_report(argv=None) -> None:
     suites = {toy_name: toy}
     root = find_womd_examples()
     if root is None:
-        print("WOMD examples skipped: no folder found (set WOMD_EXAMPLES or add ../shared/data/womd_examples)\n")
+        print(f"WOMD examples skipped: {missing_womd_examples()}\n")
     else:
         womd = load_womd_dir(root)
         suites[f"WOMD ({womd.B} example scenes)"] = womd

@@ -302,14 +302,32 @@ def load_womd_json(path, max_agents: int | None = None) -> Scenes:
 
 def load_womd_dir(path, max_agents: int | None = None) -> Scenes:
     """Every *.json scene of a folder, sorted by file name, collated into one padded batch."""
-    files = sorted(Path(path).glob("*.json"))
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: {'not a folder' if path.exists() else 'the folder does not exist'} "
+                                "(expected a folder of GPUDrive JSON scenes, see womd_examples/FORMAT.md)")
+    files = sorted(path.glob("*.json"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.json scene files (GPUDrive JSON, see womd_examples/FORMAT.md)")
     return collate([load_womd_json(f, max_agents) for f in files])
 
 
-def find_womd_examples() -> Path | None:
-    """The example-scene folder: $WOMD_EXAMPLES, else <repo>/../shared/data/womd_examples; None if absent."""
+def womd_examples_dir() -> Path:
+    """Where the example scenes are looked for: $WOMD_EXAMPLES, else <repo>/../shared/data/womd_examples."""
     env = os.environ.get("WOMD_EXAMPLES")
-    p = Path(env) if env else Path(__file__).resolve().parent.parent / "shared" / "data" / "womd_examples"
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "shared" / "data" / "womd_examples"
+
+
+def find_womd_examples() -> Path | None:
+    """The example-scene folder (womd_examples_dir), or None when it is missing or holds no *.json."""
+    p = womd_examples_dir()
     return p if p.is_dir() and any(p.glob("*.json")) else None
+
+
+def missing_womd_examples() -> str:
+    """Why find_womd_examples found nothing, naming the folder it checked (for the callers' notes)."""
+    p = womd_examples_dir()
+    how = "$WOMD_EXAMPLES" if os.environ.get("WOMD_EXAMPLES") else "the default; set WOMD_EXAMPLES to move it"
+    state = ("does not exist" if not p.exists() else "is not a folder" if not p.is_dir()
+             else "holds no *.json scenes")
+    return f"{p} ({how}) {state}"

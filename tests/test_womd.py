@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
+import tokenizer
 from scenes import CROSSWALK, LANE, NOW, OTHER, ROAD_EDGE, T, TL_STATES
-from womd import find_womd_examples, load_womd_dir, load_womd_json
+from toy_scenes import make_toy_scenes
+from womd import find_womd_examples, load_womd_dir, load_womd_json, missing_womd_examples
 
 EXAMPLES = find_womd_examples()
 needs_examples = pytest.mark.skipif(
@@ -316,3 +319,22 @@ def test_load_dir_with_max_agents(womd):
             dropped = d[ctrl].sort().values[len(kept_d):]
             if len(kept_d) and len(dropped):
                 assert kept_d.max() <= dropped.min() + 1e-4
+
+
+def test_missing_folder_is_named_not_skipped_silently(tmp_path, monkeypatch, capsys):
+    """Before: load_womd_dir said 'no *.json scene files' for a folder that does not exist, and the
+    eval stage and the tokenizer CLI did not say which folder they had checked."""
+    gone = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="nowhere: the folder does not exist"):
+        load_womd_dir(gone)
+    monkeypatch.setenv("WOMD_EXAMPLES", str(gone))
+    assert missing_womd_examples() == f"{gone} ($WOMD_EXAMPLES) does not exist"
+    with pytest.raises(SystemExit, match=f"no WOMD example scenes: {gone}"):
+        tokenizer.load_source("womd", 4)
+    monkeypatch.setenv("WOMD_EXAMPLES", str(tmp_path))                      # a folder with no scenes
+    assert missing_womd_examples() == f"{tmp_path} ($WOMD_EXAMPLES) holds no *.json scenes"
+    toy = make_toy_scenes(1, seed=6)
+    res = evaluate.run_eval(tmp_path / "runs", "cpu", R=2, toy=toy, womd=True)
+    assert list(res["suites"]) == ["toy"]
+    out = capsys.readouterr().out
+    assert f"the WOMD suite is skipped: {tmp_path} ($WOMD_EXAMPLES) holds no *.json scenes" in out

@@ -232,7 +232,8 @@ def read_file(path, what: str, fix: str, keys: tuple = (), device="cpu") -> dict
         data = path.read_bytes()
         if side.is_file() and side.read_text().strip() != hashlib.sha256(data).hexdigest():
             raise ValueError(f"{path}: its bytes no longer match the checksum written with it ({side}): the "
-                             f"file is corrupt, expected {what}; {fix}")
+                             f"file is corrupt, expected {what}; {fix} (if a run stopped while saving it, "
+                             f"deleting {side.name} accepts the file as it is)")
         try:
             obj = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
         # truncated or random bytes raise many kinds of error, and torch's message would advise an unsafe

@@ -102,7 +102,7 @@ def test_read_file_names_the_file_what_it_expected_and_the_fix(tmp_path, kind, m
     with pytest.raises((ValueError, FileNotFoundError), match=message) as e:
         read_file(path, "a test checkpoint", "delete it and rerun")
     text = str(e.value)
-    assert str(path) in text and "a test checkpoint" in text and text.endswith("delete it and rerun")
+    assert str(path) in text and "a test checkpoint" in text and "delete it and rerun" in text
     assert "weights_only=False" not in text and "weights_only" not in text  # never advise an unsafe load
     assert isinstance(e.value, FileNotFoundError) == (kind == "missing")
 

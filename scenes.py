@@ -253,10 +253,19 @@ def save_scenes(scenes: Scenes, path) -> None:
     save_atomic({**scenes.tensors(), "scene_id": scenes.scene_id}, path)
 
 
-def load_scenes(path) -> Scenes:
-    """Scenes saved by save_scenes; any fault raises read_file's named error."""
-    d = read_file(path, "cached scenes (save_scenes)", "delete the file to regenerate it",
-                  keys=tuple(f.name for f in dataclasses.fields(Scenes)))
+def load_scenes(path, cache: bool = False) -> Scenes | None:
+    """Scenes saved by save_scenes; any fault raises read_file's named error. A cache (cache=True)
+    is never a reason to stop: missing or unusable, it gives None (with a printed note when
+    unusable) and the caller rebuilds it."""
+    try:
+        d = read_file(path, "cached scenes (save_scenes)", "delete the file to regenerate it",
+                      keys=tuple(f.name for f in dataclasses.fields(Scenes)))
+    except (FileNotFoundError, ValueError) as e:
+        if not cache:
+            raise
+        if not isinstance(e, FileNotFoundError):
+            print(f"rebuilding the cache, the file on disk is unusable: {e}")
+        return None
     return Scenes(**d)
 
 

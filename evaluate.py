@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -32,9 +31,9 @@ import ppo_anchor
 import reference_model
 from env import EnvConfig, MultiAgentEnv
 from human_driver import HumanDriver
-from scenes import DT, NOW, T, Scenes, save_atomic
+from scenes import DT, NOW, T, Scenes, read_file, save_atomic
 from toy_scenes import make_toy_scenes, toy_dataset
-from womd import find_womd_examples, load_womd_dir
+from womd import find_womd_examples, load_womd_dir, missing_womd_examples
 from wosac_metrics import dataset_means, score_rollouts, trajectory_features
 
 TABLE_KEYS = ("realism_meta", "kinematic", "interactive", "map_based", "min_ade",
@@ -141,7 +140,7 @@ def spacer_table(spacer_dir: Path) -> str:
     """The SPACeR table: every finished run under runs/spacer and the reference, one row each."""
     rows = {}
     for log_path in sorted(spacer_dir.glob("*/log.json")):
-        log = json.loads(log_path.read_text())
+        log = read_file(log_path, "a SPACeR run's log", "delete its folder or rerun it with --overwrite")
         if "eval" in log:
             tail = log.get("history", [])[-5:]
             train = {k: sum(h[k] for h in tail) / len(tail) for k in TRAIN_COLUMNS if tail and k in tail[0]}
@@ -238,7 +237,8 @@ def rollout_fn(kind: str, path: Path | None, runs: Path, device, seed: int):
         return (lambda s, R: human_driver_rollout(s, R, seed=seed)), 0
     if kind == "reference":
         model, tok, _ = reference_model.load_reference(path, device)
-        stage = torch.load(path, map_location="cpu", weights_only=True).get("stage_cfg", {})
+        stage = read_file(path, "a reference checkpoint", "rerun `python train.py --stage reference`").get(
+            "stage_cfg", {})
         gen = torch.Generator(device=device).manual_seed(seed)
         return reference_rollout(model, tok, stage.get("eval_top_k", 8), stage.get("eval_temperature", 1.0),
                                  stage.get("eval_worlds", 256), gen), model.n_params
@@ -254,7 +254,8 @@ def rollout_fn(kind: str, path: Path | None, runs: Path, device, seed: int):
 def held_out_scenes(runs: Path) -> Scenes:
     """The reference stage's held-out toy test split (the same scenes every stage scored)."""
     ck = Path(runs) / "reference" / "bc.pt"
-    cfg = torch.load(ck, map_location="cpu", weights_only=True)["stage_cfg"] if ck.is_file() else {}
+    fix = "rerun `python train.py --stage reference` with --overwrite"
+    cfg = read_file(ck, "a reference checkpoint", fix, ("stage_cfg",))["stage_cfg"] if ck.is_file() else {}
     return toy_dataset("test", cfg.get("n_test", 32), seed=cfg.get("data_seed", 0),
                          cache_dir=cfg.get("cache_dir", "data"))
 
@@ -268,13 +269,20 @@ def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int 
     runs, device = Path(runs), torch.device(device)
     out_dir = runs / "eval"
     res_path = out_dir / "results.json"
-    old = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    old = {}
+    if res_path.is_file():
+        try:
+            old = read_file(res_path, "the scores of an earlier eval", "every method is scored again")
+        except ValueError as err:                              # a cache of scores: no reason to stop
+            print(f"eval: scoring every method again, the earlier results are unusable: {err}")
     suites = {"toy": held_out_scenes(runs) if toy is None else toy}
     if n_test is not None:
         suites["toy"] = suites["toy"].select(slice(0, n_test))
     root = find_womd_examples() if womd else None
     if root is not None:
         suites["womd"] = load_womd_dir(root)
+    elif womd:
+        print(f"eval: the WOMD suite is skipped: {missing_womd_examples()}")
     results = dict(R=R, seed=seed, device=str(device), date=time.strftime("%Y-%m-%d"), suites={})
     for suite, scenes in suites.items():
         scenes = scenes.to(device)
@@ -338,7 +346,8 @@ def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int 
 def training_curves(runs: Path, seed: int = 0) -> dict:
     """The series plot_curves draws, read from each stage's log.json."""
     def read(p):
-        return json.loads(p.read_text()) if p.is_file() else {}
+        fix = "delete it, or rerun that stage with --overwrite"
+        return read_file(p, "a stage's log", fix) if p.is_file() else {}
     ref = read(runs / "reference" / "log.json")
     curves = {"reference: validation loss per epoch": {ph: [e["val_loss"] for e in ref.get(ph, [])]
                                                        for ph in ("bc", "catk")}}
@@ -438,7 +447,7 @@ def env_report(argv=None) -> None:
     suites = {toy_name: toy}
     root = find_womd_examples()
     if root is None:
-        print("WOMD examples skipped: no folder found (set WOMD_EXAMPLES or add ../shared/data/womd_examples)\n")
+        print(f"WOMD examples skipped: {missing_womd_examples()}\n")
     else:
         womd = load_womd_dir(root)
         suites[f"WOMD ({womd.B} example scenes)"] = womd
@@ -489,7 +498,8 @@ def reference_scores(ref_dir: Path, R: int, n_test: int) -> dict:
     """{checkpoint: its scores} for BC and CAT-K from the reference stage's log, when it scored them
     the same way (seed, R, test scenes) after they were last written."""
     ref_log, bc_path, catk_path = ref_dir / "log.json", ref_dir / "bc.pt", ref_dir / "catk.pt"
-    ref_eval = json.loads(ref_log.read_text()).get("eval", {}) if ref_log.is_file() else {}
+    fix = "delete it, or rerun the reference stage with --overwrite"
+    ref_eval = read_file(ref_log, "its log", fix).get("eval", {}) if ref_log.is_file() else {}
     if ref_eval.get("R") != R or ref_eval.get("n_test") != n_test \
             or ref_log.stat().st_mtime < max(bc_path.stat().st_mtime, catk_path.stat().st_mtime):
         return {}

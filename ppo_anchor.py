@@ -63,7 +63,6 @@ also learns to drive without a goal.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -72,7 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from env import EGO_DIM, PARTNER_DIM, ROAD_DIM, EnvConfig, MultiAgentEnv
-from scenes import NOW, T, Scenes
+from scenes import NOW, T, Scenes, check_finite, read_file
 
 GOAL_FEATURES = slice(6, 9)  # goal x, goal y, goal distance in env.observe's ego layout
 N_TYPES = 3                  # vehicle, pedestrian, cyclist
@@ -318,7 +317,7 @@ def ppo_update(policy, optimizer, batch: dict, cfg: SpacerConfig, anchor_coef: f
     zero = torch.zeros((), device=batch["actions"].device)
     stats = {k: zero for k in ("pg_loss", "v_loss", "entropy", "kl_anchor", "approx_kl", "clipfrac")}
     n_mb = 0
-    for _ in range(cfg.update_epochs):
+    for epoch in range(cfg.update_epochs):
         perm = torch.randperm(M, generator=gen).to(batch["actions"].device)      # [M]
         for start in range(0, M, cfg.minibatch_size):
             mb = perm[start:start + cfg.minibatch_size]                           # [m]
@@ -337,6 +336,7 @@ def ppo_update(policy, optimizer, batch: dict, cfg: SpacerConfig, anchor_coef: f
             v_loss = 0.5 * ((value - batch["returns"][mb]) ** 2).mean()
             entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
             loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy
+            kl = zero
             if batch.get("anchor_logp") is not None:
                 anchor = batch["anchor_logp"][mb]                                 # [m, K]
                 kl = exact_kl(anchor, logp_all) if forward_kl else exact_kl(logp_all, anchor)  # [m]
@@ -344,7 +344,13 @@ def ppo_update(policy, optimizer, batch: dict, cfg: SpacerConfig, anchor_coef: f
                 stats["kl_anchor"] = stats["kl_anchor"] + kl.mean().detach()
             optimizer.zero_grad()
             loss.backward()
-            nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            # one NaN term would make every weight NaN at this step: stop before it, naming the term
+            terms = dict(policy_loss=pg_loss, value_loss=v_loss, kl_anchor=kl.mean(), entropy=entropy,
+                         grad_norm=grad_norm)
+            if not bool(torch.isfinite(torch.stack([v.detach() for v in terms.values()])).all()):  # one sync
+                where = f"ppo_update: epoch {epoch + 1}, minibatch {start // cfg.minibatch_size + 1}"
+                check_finite(terms, where)
             optimizer.step()
             for k, v in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", entropy),
                          ("approx_kl", approx_kl), ("clipfrac", clipfrac)):
@@ -372,13 +378,18 @@ class ReturnScaler:
     def __init__(self, gamma: float):
         self.gamma, self.count, self.mean, self.var = gamma, 1e-4, 0.0, 1.0
 
-    def __call__(self, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """rewards [N, B, A], mask [B, A] (agents whose returns count) -> scaled rewards [N, B, A]."""
+    def __call__(self, rewards: torch.Tensor, mask: torch.Tensor,
+                 where: str = "ReturnScaler") -> torch.Tensor:
+        """rewards [N, B, A], mask [B, A] (agents whose returns count) -> scaled rewards [N, B, A].
+        A non-finite reward of a counted agent raises FloatingPointError naming `where` (train passes
+        the iteration) before the running statistics change: one NaN would otherwise stay in them
+        for good and scale every later reward to NaN."""
         ret, rets = torch.zeros_like(rewards[0]), []                              # [B, A]
         for t in range(rewards.shape[0]):
             ret = self.gamma * ret + rewards[t]
             rets.append(ret[mask])
         x = torch.cat(rets).double()                                              # [M]
+        check_finite(rewards[:, mask], f"{where}: the rewards (the return statistics are left unchanged)")
         n, m, v = x.numel(), x.mean().item(), x.var(unbiased=False).item()
         tot = self.count + n  # parallel (Chan et al.) update of the running mean and variance
         delta = m - self.mean
@@ -452,7 +463,8 @@ def train(cfg: SpacerConfig, scenes: Scenes, log_tokens: dict, table: torch.Tens
         t_ref = time.perf_counter() - t0 - t_roll
 
         # ---- GAE and the PPO update over controlled agents only ---------------------------
-        advantages, returns = gae(scaler(rewards, roll["ctrl"]), roll["values"], cfg.gamma, cfg.gae_lambda)  # [N, B, A]
+        scaled = scaler(rewards, roll["ctrl"], f"spacer[{cfg.anchor}] iteration {it + 1}")  # [N, B, A]
+        advantages, returns = gae(scaled, roll["values"], cfg.gamma, cfg.gae_lambda)  # [N, B, A]
         anchor_logp = logp_ref if cfg.anchor == "spacer" else roll["teacher_logp"]
         batch = flatten(roll, advantages, returns, worlds.agent_type, anchor_logp)
         stats = ppo_update(policy, optimizer, batch, cfg, anchor_coef)
@@ -574,13 +586,13 @@ def policy_rollout(policy: LateFusionPolicy, scenes: Scenes, R: int, table: torc
 
 def load_policy(path, device="cpu") -> tuple:
     """(policy in eval mode, SpacerConfig) from a policy.pt written by train.py --stage spacer."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no policy checkpoint; run `python train.py --stage spacer` first")
-    d = torch.load(path, map_location=device, weights_only=True)
-    for key in ("policy", "K", "cfg"):
-        if key not in d:
-            raise ValueError(f"{path}: not a SPACeR policy checkpoint (missing '{key}')")
-    cfg = SpacerConfig(**d["cfg"])
-    policy = LateFusionPolicy(d["K"], cfg.embed, cfg.hidden, cfg.type_heads).to(device)
-    policy.load_state_dict(d["policy"])
+    fix = "run `python train.py --stage spacer` (--overwrite to replace a corrupt run)"
+    d = read_file(path, "a SPACeR policy checkpoint", fix, keys=("policy", "K", "cfg"), device=device)
+    try:
+        cfg = SpacerConfig(**d["cfg"])
+        policy = LateFusionPolicy(d["K"], cfg.embed, cfg.hidden, cfg.type_heads).to(device)
+        policy.load_state_dict(d["policy"])
+    except (TypeError, RuntimeError, ValueError) as e:  # a config or weights of another shape
+        raise ValueError(f"{path}: not a SPACeR policy checkpoint of this code ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}); {fix}") from None
     return policy.eval(), cfg

@@ -83,7 +83,7 @@ import torch
 
 import reference_model as RM
 import wosac_metrics as wm
-from scenes import NOW, T, Scenes
+from scenes import NOW, T, Scenes, check_finite
 
 ADVANTAGES = ("mpo", "grpo", "reinforce")
 GRPO_MIN_GROUPS = 4               # fewer sets per scene and (r - mean) / std is a sign, not a size
@@ -265,8 +265,10 @@ def nanmean(x) -> float:
 # One RFT step and the RFT loop
 # --------------------------------------------------------------------------------------------
 def rft_step(model, sft, tok, opt, scenes: Scenes, enc: dict, cfg: R1Config, tau: float | None,
-             generator=None) -> dict:
-    """Roll out, score, and take one gradient step of MPO (or a baseline, by cfg.advantage)."""
+             generator=None, where: str = "rft_step") -> dict:
+    """Roll out, score, and take one gradient step of MPO (or a baseline, by cfg.advantage). A
+    non-finite loss, k3 or gradient norm raises FloatingPointError naming `where` and the term,
+    before the step (the weights stay as they were)."""
     B, M, G = scenes.B, cfg.M, cfg.groups
     t0 = time.perf_counter()
     rep, out = sample_rollouts(model, tok, scenes, enc, M, cfg.rft_top_k, generator)
@@ -293,12 +295,15 @@ def rft_step(model, sft, tok, opt, scenes: Scenes, enc: dict, cfg: R1Config, tau
         ids = tokens["ids"][..., None]                                         # [w, A, N, 1]
         logp, logp_sft = logq.gather(-1, ids).squeeze(-1), logq_sft.gather(-1, ids).squeeze(-1)  # [w, A, N]
         loss, stats = mpo_loss(logp, logp_sft, adv[sl], mask[sl], beta)
+        check_finite(dict(k3=stats["kl"], mpo_loss=loss.detach()),
+                     f"{where}, worlds {w0}..{w0 + sub.B - 1}")
         share = float(mask[sl].sum()) / n_tok        # chunk means, weighted to the mean over all tokens
         (loss * share).backward()
         for k, v in dict(loss=loss.item(), **stats, **vocab_stats(logq.detach(), logq_sft, mask[sl])).items():
             tot[k] += v * share
     if n_tok > 0:                                    # every set unscored: no step at all, not a zero one
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        check_finite(grad_norm, f"{where}: the gradient norm")             # before the step, not after
         opt.step()
     else:
         grad_norm, tot = 0.0, {k: math.nan for k in tot}
@@ -363,7 +368,8 @@ def train_rft(model, sft, tok, get_batch, n_train: int, cfg: R1Config, tau: floa
     for step in bar:
         scenes, enc = get_batch(step_scenes(step, cfg.scenes_per_step, n_train, cfg.seed))
         gen = torch.Generator(device=scenes.device).manual_seed(cfg.seed * 1_000_003 + step)
-        h = rft_step(model, sft, tok, opt, scenes, enc, cfg, tau, gen)
+        h = rft_step(model, sft, tok, opt, scenes, enc, cfg, tau, gen,
+                     where=f"RFT ({cfg.advantage}) step {step + 1}")
         history.append(dict(step=step + 1, **h))
         bar.set_postfix(r=f"{h['reward']:.3f}", kl=f"{h['kl_exact']:.4f}", H=f"{h['entropy']:.2f}")
         if save_fn is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.rft_steps):

@@ -55,7 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scenes import NOW, T, Scenes, apply_local, save_atomic, wrap_angle
+from scenes import NOW, T, Scenes, apply_local, read_file, save_atomic, wrap_angle
 from tokenizer import MotionTokenizer, box_lw, corner_distance, corners_at, log_poses
 
 
@@ -557,15 +557,14 @@ def save_checkpoint(path, model: ReferenceModel, tok: MotionTokenizer, **extra) 
 
 def load_reference(path, device="cpu") -> tuple:
     """(model in eval mode, tokenizer, ReferenceConfig) from a checkpoint written by train.py."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no reference checkpoint; run `python train.py --stage reference` first")
-    d = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "model_cfg", "tokenizer"):
-        if key not in d:
-            raise ValueError(f"{path}: not a reference checkpoint (missing '{key}')")
-    cfg = ReferenceConfig(**d["model_cfg"])
-    tok = MotionTokenizer.from_state_dict(d["tokenizer"], K=cfg.K, steps_per_token=cfg.steps_per_token)
-    model = ReferenceModel(cfg, tok.table)
-    model.load_state_dict(d["model"])
+    fix = "run `python train.py --stage reference` (--overwrite to replace a corrupt run)"
+    d = read_file(path, "a reference checkpoint", fix, keys=("model", "model_cfg", "tokenizer"))
+    try:
+        cfg = ReferenceConfig(**d["model_cfg"])
+        tok = MotionTokenizer.from_state_dict(d["tokenizer"], K=cfg.K, steps_per_token=cfg.steps_per_token)
+        model = ReferenceModel(cfg, tok.table)
+        model.load_state_dict(d["model"])
+    except (TypeError, KeyError, RuntimeError, ValueError) as e:  # a config or weights of another shape
+        raise ValueError(f"{path}: not a reference checkpoint of this code ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}); {fix}") from None
     return model.to(device).eval(), tok.to(device), cfg

@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import functools
 import itertools
-import json
 import math
 import re
 import time
@@ -29,27 +28,10 @@ import reference_model as RM
 from evaluate import (TABLE_KEYS, evaluate_model, format_table, paired_table, reference_rollout, rft_curves,
                       score_method, seed_table)
 from pictures import plot_curves
-from scenes import save_atomic
+from scenes import check_finite, read_file, save_atomic  # check_finite: train.py imports it from here
 
 
 RUN_FILES = ("*.pt", "log.json")           # what a stage writes into its run folder
-
-
-def check_finite(value, what: str) -> None:
-    """Raise FloatingPointError naming `what` (and the entry inside it) when a tensor or a float in
-    `value` (or in the dicts, lists and tuples it holds) is NaN or infinite."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            check_finite(v, f"{what}[{k!r}]")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            check_finite(v, f"{what}[{i}]")
-    elif isinstance(value, torch.Tensor) and value.is_floating_point():
-        if not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise FloatingPointError(f"{what} is not finite ({value.item() if value.numel() == 1 else bad})")
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise FloatingPointError(f"{what} is not finite ({value})")
 
 
 def check_gradients(stage: str, steps, optimizer, args, kwargs) -> None:
@@ -92,7 +74,9 @@ class Run:
         path = self.dir / name
         if not (self.resumed and path.is_file()):
             return None
-        return torch.load(path, map_location=device, weights_only=True)
+        fix = ("delete it to resume from the checkpoints before it, or rerun without --resume and with "
+               "--overwrite to start over")
+        return read_file(path, f"the {self.stage} stage's checkpoint {name}", fix, device=device)
 
     def clear_stale(self) -> None:
         for path in self.stale:
@@ -126,7 +110,9 @@ def open_run(args, stage: str, marks: tuple) -> Run:
         if not log_path.is_file():
             print(f"--resume: {log_path} is missing: continuing from the checkpoints, the log's history "
                   "starts fresh")
-        log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+        fix = ("delete it to resume from the checkpoints with a fresh history, or rerun without --resume "
+               "and with --overwrite")
+        log = read_file(log_path, "the run's log", fix) if log_path.is_file() else {}
         return Run(stage, out_dir, log, resumed=True)
     if args.resume:
         print(f"--resume: nothing saved under {out_dir}; starting from scratch")
@@ -148,8 +134,10 @@ def timed(run: Run, name: str):
     run.write_log()
 
 
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: Path, keys: tuple = ()) -> dict:
+    """A checkpoint of an earlier stage (read_file's named errors)."""
+    return read_file(path, "a checkpoint written by train.py",
+                     "rerun the stage that writes it with --overwrite", keys=keys)
 
 
 # ----- checkpoints and scores of a run: written once, through Run -----
@@ -192,7 +180,8 @@ def score_reference_once(run: Run, ref_path: Path, ref, tok, ref_stage, test,
     policies and kept until the reference checkpoint or the number of test scenes changes."""
     ref_log = run.dir.parent / "reference" / "log.json"
     fresh = ref_log.is_file() and ref_log.stat().st_mtime > ref_path.stat().st_mtime
-    if fresh and json.loads(ref_log.read_text())["eval"]["n_scenes"] == test.B:
+    fix = "delete it to score the reference again"
+    if fresh and read_file(ref_log, "its scores", fix, ("eval",))["eval"].get("n_scenes") == test.B:
         return
     rollout = reference_rollout(ref, tok, ref_stage.eval_top_k, ref_stage.eval_temperature,
                                   ref_stage.eval_worlds)
@@ -217,8 +206,10 @@ def print_r1_tables(run: Run, cfg, variants: tuple, n_test: int, runs: Path, row
               f"unscored sets {sum(e['n_nan_groups'] for e in h)}")
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in run.log["wall_s"].items()))
     print("CPU time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in run.log.get("cpu_s", {}).items()))
-    seeds = [json.loads(p.read_text()).get("eval", {}) for p in sorted((runs / "r1").glob("seed*/log.json"))
-             if p.parent.name[4:].isdigit()]       # the seeds of the default schedule only
+    fix = "delete that seed's folder, or rerun it with --overwrite"
+    logs = sorted((runs / "r1").glob("seed*/log.json"))
+    logs = [p for p in logs if p.parent.name[4:].isdigit()]      # the seeds of the default schedule only
+    seeds = [read_file(p, "an r1 seed's log", fix).get("eval", {}) for p in logs]
     seeds = [{n: e[n] for n in rows if n in e} for e in seeds]
     if len(seeds) > 1:
         print(f"\nmean +- std over {len(seeds)} seeds (runs/r1/seed*):")

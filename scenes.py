@@ -10,7 +10,8 @@ lies on the left of the point order), because the signed distance to the road ed
 "off-road", is defined by it (`research/wosac.md` 3.4).
 
 Also here, because every other file uses them: batching (collate / select / repeat), caching
-with one atomic save, and the pose algebra of local frames,
+with one atomic save, the finiteness check that stops training on a NaN (`check_finite`), and
+the pose algebra of local frames,
 
     apply_local:  (x, y)_j = (x0, y0) + R(yaw0) (x_j, y_j),   yaw_j = wrap(yaw0 + yaw_j)
     to_local:     its inverse,  (x_j, y_j) = R(-yaw0) ((x, y)_j - (x0, y0)).
@@ -18,6 +19,8 @@ with one atomic save, and the pose algebra of local frames,
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import os
@@ -168,28 +171,101 @@ def batch_of(split: Scenes, enc: dict, device, idx) -> tuple:
     return s.to(device), {k: v.to(device) for k, v in tk.items()}
 
 
+def check_finite(value, what: str) -> None:
+    """Raise FloatingPointError naming `what` (and the entry inside it) when a tensor or a float in
+    `value` (or in the dicts, lists and tuples it holds) is NaN or infinite."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, f"{what}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_finite(v, f"{what}[{i}]")
+    elif isinstance(value, torch.Tensor) and value.is_floating_point():
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise FloatingPointError(f"{what} is not finite ({value.item() if value.numel() == 1 else bad})")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise FloatingPointError(f"{what} is not finite ({value})")
+
+
+def checksum_path(path: Path) -> Path:
+    """The sha256 sidecar of a torch file (`bc.pt` -> `bc.pt.sha256`)."""
+    return path.with_name(path.name + ".sha256")
+
+
 def save_atomic(obj, path) -> None:
     """The one way files are written: to a temporary file, then renamed, so a crash never leaves
-    half a file. A `.json` path gets JSON text, anything else `torch.save`."""
+    half a file. A `.json` path gets JSON text, anything else `torch.save` and a sha256 sidecar
+    (`checksum_path`) that read_file checks, so a bit flipped later is caught, not loaded."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     if path.suffix == ".json":
         tmp.write_text(json.dumps(obj, indent=1))
-    else:
-        torch.save(obj, tmp)
+        os.replace(tmp, path)
+        return
+    torch.save(obj, tmp)
+    side, side_tmp = checksum_path(path), checksum_path(tmp)
+    side_tmp.write_text(hashlib.sha256(tmp.read_bytes()).hexdigest())
     os.replace(tmp, path)
+    os.replace(side_tmp, side)
+
+
+def read_file(path, what: str, fix: str, keys: tuple = (), device="cpu") -> dict:
+    """The one way checkpoints, logs and caches are read: a `.json` path as JSON, anything else with
+    torch.load(weights_only=True) (tensors and plain containers only: never unpickle code), then
+    checked to be a dict holding `keys`. Every failure (missing, empty, truncated, corrupt, a
+    checksum that no longer matches, not a dict, a key missing) raises FileNotFoundError or
+    ValueError naming the file, `what` it should hold, and `fix`, what the user can do about it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (expected {what}); {fix}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), expected {what}; {fix}")
+    if path.suffix == ".json":
+        try:
+            obj = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e}), expected {what}; {fix}") from None
+    else:
+        side = checksum_path(path)
+        data = path.read_bytes()
+        if side.is_file() and side.read_text().strip() != hashlib.sha256(data).hexdigest():
+            raise ValueError(f"{path}: its bytes no longer match the checksum written with it ({side}): the "
+                             f"file is corrupt, expected {what}; {fix} (if a run stopped while saving it, "
+                             f"deleting {side.name} accepts the file as it is)")
+        try:
+            obj = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        # truncated or random bytes raise many kinds of error, and torch's message would advise an unsafe
+        # load: name the kind only
+        except Exception as e:
+            raise ValueError(f"{path}: cannot be read as a torch file ({type(e).__name__}; truncated or "
+                             f"corrupt), expected {what}; {fix}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}, expected {what} (a dict); {fix}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise ValueError(f"{path}: lacks {missing}, expected {what}; {fix}")
+    return obj
 
 
 def save_scenes(scenes: Scenes, path) -> None:
     save_atomic({**scenes.tensors(), "scene_id": scenes.scene_id}, path)
 
 
-def load_scenes(path) -> Scenes:
-    d = torch.load(path, map_location="cpu", weights_only=True)
-    missing = [f.name for f in dataclasses.fields(Scenes) if f.name not in d]
-    if missing:
-        raise ValueError(f"{path}: cached scenes lack fields {missing}; delete the file to regenerate it")
+def load_scenes(path, cache: bool = False) -> Scenes | None:
+    """Scenes saved by save_scenes; any fault raises read_file's named error. A cache (cache=True)
+    is never a reason to stop: missing or unusable, it gives None (with a printed note when
+    unusable) and the caller rebuilds it."""
+    try:
+        d = read_file(path, "cached scenes (save_scenes)", "delete the file to regenerate it",
+                      keys=tuple(f.name for f in dataclasses.fields(Scenes)))
+    except (FileNotFoundError, ValueError) as e:
+        if not cache:
+            raise
+        if not isinstance(e, FileNotFoundError):
+            print(f"rebuilding the cache, the file on disk is unusable: {e}")
+        return None
     return Scenes(**d)
 
 

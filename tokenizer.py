@@ -61,7 +61,7 @@ import torch
 from geometry import box_corners
 from scenes import AGENT_TYPES, DT, NOW, T, Scenes, apply_local, to_local, wrap_angle
 from toy_scenes import make_toy_scenes
-from womd import find_womd_examples, load_womd_dir
+from womd import find_womd_examples, load_womd_dir, missing_womd_examples
 
 VALID_SPT = (1, 2, 5, 10)           # must divide both NOW = 10 and T - 1 = 90
 BOX_LW = ((4.8, 2.0), (1.0, 1.0), (2.0, 1.0))  # fixed (length, width) per type for corner distances
@@ -482,8 +482,7 @@ def load_source(source: str, n: int) -> tuple:
     if source == "womd":
         root = find_womd_examples()
         if root is None:
-            raise SystemExit("no WOMD example scenes found: set WOMD_EXAMPLES or add "
-                             "../shared/data/womd_examples")
+            raise SystemExit(f"no WOMD example scenes: {missing_womd_examples()}")
         womd = load_womd_dir(root)
         return womd, womd
     if source == "toy":

@@ -579,15 +579,16 @@ make_toy_scenes.last_rejections = 0
 
 def toy_dataset(split: str, n: int, seed: int = 0, cache_dir="data", cfg: ToyConfig = ToyConfig()) -> Scenes:
     """n toy scenes of a split, cached as <cache_dir>/toy_<split>_n<n>_s<seed>_<config hash>.pt and
-    rebuilt when missing. Splits draw from disjoint seeds (seed + 1000003 * split number)."""
+    rebuilt when missing or unusable. Splits draw from disjoint seeds (seed + 1000003 * split number)."""
     if split not in _TOY_SPLITS:
         raise ValueError(f"toy_dataset: split must be one of {_TOY_SPLITS}, got {split!r}")
     # the logs also depend on the driver's defaults, so DriverConfig is part of the key
     spec = repr((TOY_VERSION, sorted(dataclasses.asdict(cfg).items()), DriverConfig()))
     key = hashlib.sha1(spec.encode()).hexdigest()[:8]
     path = Path(cache_dir) / f"toy_{split}_n{n}_s{seed}_{key}.pt"
-    if path.exists():
-        return load_scenes(path)
+    cached = load_scenes(path, cache=True)
+    if cached is not None:
+        return cached
     scenes = make_toy_scenes(n, seed + 1_000_003 * (_TOY_SPLITS.index(split) + 1), cfg)
     save_scenes(scenes, path)
     return scenes

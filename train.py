@@ -375,7 +375,7 @@ def stage_spacer(args) -> dict:
 
     # ---- data: the reference's own training logs (as tokens) and test scenes -------------------
     ref, tok, _ = RM.load_reference(ref_path, device)
-    ref_stage = ReferenceStageConfig(**load_checkpoint(ref_path)["stage_cfg"])
+    ref_stage = ReferenceStageConfig(**load_checkpoint(ref_path, ("stage_cfg",))["stage_cfg"])
     data = toy_splits(ref_stage.n_train, ref_stage.n_val, ref_stage.n_test, ref_stage.data_seed,
                       ref_stage.cache_dir)
     train_scenes = data["train"].to(device)
@@ -496,7 +496,7 @@ def stage_r1(args) -> dict:
     torch.manual_seed(cfg.seed)
 
     # ---- data, the tokenizer, the SFT settings (the reference stage's CAT-K settings) ------------
-    ref_cfg = ReferenceStageConfig(**load_checkpoint(bc_path)["stage_cfg"])
+    ref_cfg = ReferenceStageConfig(**load_checkpoint(bc_path, ("stage_cfg",))["stage_cfg"])
     data = toy_splits(ref_cfg.n_train, ref_cfg.n_val, ref_cfg.n_test, ref_cfg.data_seed, ref_cfg.cache_dir)
     _, tok, _ = RM.load_reference(bc_path, device)
     enc = {split: tok.encode_split( data[split]) for split in ("train", "val")}

@@ -16,9 +16,14 @@ from scenes import (CROSSWALK, LANE, NOW, OTHER, ROAD_EDGE, ROAD_LINE, T, TL_STA
                     polylines_to_segments, scene_from_numpy, wrap_angle)
 
 # Choices:
-# - Origin: the xy mean of the agents valid at step NOW (of all valid positions if none is). It is
-#   subtracted from agent positions, map points and stop points, so networks see small numbers. z is
-#   kept in the file's frame for agents and map alike: only differences of z matter (overpasses).
+# - Origin: the xy mean of the agents valid at step NOW. It is subtracted from agent positions, map
+#   points and stop points, so networks see small numbers. z is kept in the file's frame for agents
+#   and map alike: only differences of z matter (overpasses).
+# - Ranges, checked on what the tensors hold (float32, after centring), so that no value becomes inf
+#   or silently changes a score: every number finite in float32; agent x, y, z and velocity at valid
+#   steps, map points and stop points within MAX_COORD (1e5 m, m/s) of the origin; length, width and
+#   height of an agent valid at some step finite, > 0 and < MAX_SIZE (100 m). A scene with no valid
+#   agent, or none valid at step NOW, has nothing to simulate and is rejected.
 # - Invalid steps hold -10000 sentinels in the file; here they are 0 and `valid` says which is which.
 #   A step marked valid that still holds a sentinel is treated as invalid.
 # - Agent types 'unset' / 'other' are dropped (no model has a vocabulary for them); any other unknown
@@ -31,6 +36,8 @@ from scenes import (CROSSWALK, LANE, NOW, OTHER, ROAD_EDGE, ROAD_LINE, T, TL_STA
 #   carry it, and the official metric could not match it either. Steps missing from a signal's
 #   lists are 'unknown', with the signal's first known stop point.
 WOMD_SENTINEL = -10000.0
+MAX_COORD = 1e5      # m (and m/s): WOMD scenes span a few hundred metres; anything past 100 km is corrupt
+MAX_SIZE = 100.0     # m: the longest road vehicles are ~30 m; 0, negative or NaN sizes break the boxes
 _WOMD_AGENT_TYPES = {"vehicle": 0, "pedestrian": 1, "cyclist": 2}
 _WOMD_DROPPED_TYPES = ("unset", "other")
 _WOMD_ROAD_TYPES = {"lane": LANE, "road_line": ROAD_LINE, "road_edge": ROAD_EDGE, "crosswalk": CROSSWALK,
@@ -81,10 +88,21 @@ def _numbers(items: list, where: str, keys: tuple = (), n: int | None = None) ->
                     raise _FieldError(f"{where}[{t}]" + (f".{k}" if k else ""), f"expected a number, got {v!r:.40}")
         raise _FieldError(where, "could not read as numbers")
     arr = arr.astype(np.float64).reshape(shape)                    # [P, len(keys)] or [P]
-    if not np.isfinite(arr).all():
-        t = int(np.argwhere(~np.isfinite(arr))[0, 0])
-        raise _FieldError(f"{where}[{t}]", "non-finite value")
+    with np.errstate(over="ignore"):
+        finite = np.isfinite(arr.astype(np.float32))               # [P, ...] checked as the tensors hold it
+    if not finite.all():
+        t, *k = np.argwhere(~finite)[0]
+        raise _FieldError(f"{where}[{t}]" + (f".{keys[k[0]]}" if keys else ""),
+                          f"non-finite value, or too large for float32 ({float(arr[(t, *k)])!r})")
     return arr
+
+
+def _bounded(x: np.ndarray, ok: np.ndarray, where, limit: float, what: str) -> None:
+    """|x| <= limit wherever ok: x [P, ...], ok broadcastable to it; where(index) names the entry."""
+    bad = ok & ~(np.abs(x) <= limit)                               # [P, ...]
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise _FieldError(where(idx), f"{x[idx]:.6g} {what}; expected at most {limit:g} in magnitude")
 
 
 def _bools(items: list, where: str, n: int) -> np.ndarray:
@@ -122,7 +140,7 @@ def _womd_agents(objects: list) -> tuple:
     if not keep:
         raise _FieldError("objects", "no vehicle, pedestrian or cyclist in the scene")
     return dict(xyz=np.stack(xyz), head=np.stack(head), vel=np.stack(vel), valid=np.stack(valid),
-                size=np.asarray(size, np.float32), kind=np.asarray(kind, np.int64),
+                size=np.asarray(size, np.float64), kind=np.asarray(kind, np.int64),
                 expert=np.asarray(expert, bool)), np.asarray(keep)
 
 
@@ -155,6 +173,8 @@ def _womd_map(roads: list, origin: np.ndarray) -> tuple:
         if typ in _WOMD_POLYGONS and len(p) >= 3 and (p[0] != p[-1]).any():
             p = np.concatenate([p, p[:1]])                         # [P + 1, 3] closed polygon
         p[:, :2] -= origin
+        _bounded(p, True, lambda i, w=where: f"{w}.geometry[{i[0]}].{'xyz'[i[1]]}", MAX_COORD,
+                 "m from the scene origin")
         if len(p) >= 2:
             if typ == "lane":
                 lane_poly[road_id] = n_kept
@@ -186,7 +206,10 @@ def _womd_lights(tl_states: dict, lane_poly: dict, origin: np.ndarray) -> dict:
         state = np.zeros(T, np.int64)                              # [T] 0 = unknown
         state[t_idx] = [_TL_INDEX[name] for name in names]
         known = (x != WOMD_SENTINEL) & (y != WOMD_SENTINEL)        # [n]
-        xy = np.stack([x, y], -1)[known] - origin                  # [n', 2]
+        xy = np.stack([x, y], -1) - origin                         # [n, 2]
+        _bounded(xy, known[:, None], lambda i, w=where: f"{w}.{'xy'[i[1]]}[{i[0]}]", MAX_COORD,
+                 "m from the scene origin")
+        xy = xy[known]                                             # [n', 2]
         stop = np.zeros((T, 2), np.float64)                        # [T, 2]
         if len(xy):
             stop[:] = xy[0]  # a stop line does not move: fill the steps the file does not list
@@ -222,15 +245,32 @@ def _womd_scene(d, max_agents: int | None) -> Scenes:
     sentinel = ((raw["xyz"][..., :2] == WOMD_SENTINEL).any(-1) | (raw["head"] == WOMD_SENTINEL)
                 | (raw["vel"] == WOMD_SENTINEL).any(-1))          # [A, T]
     valid = raw["valid"] & ~sentinel                               # [A, T]
+    if not valid.any():
+        raise _FieldError("objects[*].valid", "no agent is valid at any step (steps holding the "
+                          f"{WOMD_SENTINEL:g} sentinel count as invalid): nothing to simulate or score")
+    if not valid[:, NOW].any():
+        raise _FieldError(f"objects[*].valid[{NOW}]", f"no agent is valid at step {NOW} (now), where "
+                          "every rollout starts: nothing to simulate")
     xy = raw["xyz"][..., :2]                                       # [A, T, 2]
-    origin = xy[valid[:, NOW], NOW].mean(0) if valid[:, NOW].any() else xy[valid].mean(0)  # [2]
+    origin = xy[valid[:, NOW], NOW].mean(0)                        # [2]
     m = valid[..., None]                                           # [A, T, 1]
+    obj = lambda i, field, keys: f"objects[{keep[i[0]]}].{field}[{i[1]}].{keys[i[2]]}"
+    _bounded(np.concatenate([xy - origin, raw["xyz"][..., 2:]], -1), m, lambda i: obj(i, "position", "xyz"),
+             MAX_COORD, "m (x, y from the scene origin)")
+    _bounded(raw["vel"], m, lambda i: obj(i, "velocity", "xy"), MAX_COORD, "m/s")
+    seen = valid.any(1)                                            # [A]
+    size_ok = np.isfinite(raw["size"]) & (raw["size"] > 0) & (raw["size"] < MAX_SIZE)  # [A, 3]
+    if (seen[:, None] & ~size_ok).any():
+        a, k = np.argwhere(seen[:, None] & ~size_ok)[0]
+        raise _FieldError(f"objects[{keep[a]}].{('length', 'width', 'height')[k]}",
+                          f"{float(raw['size'][a, k])!r} m; expected a finite size > 0 and < {MAX_SIZE:g} m")
     agents = dict(
         pos=np.where(m, xy - origin, 0.0).astype(np.float32),     # [A, T, 2]
         z=np.where(valid, raw["xyz"][..., 2], 0.0).astype(np.float32),  # [A, T]
         yaw=np.where(valid, wrap_angle(raw["head"]), 0.0).astype(np.float32),  # [A, T]
         vel=np.where(m, raw["vel"], 0.0).astype(np.float32),      # [A, T, 2]
-        valid=valid, size=raw["size"], agent_type=raw["kind"],
+        valid=valid, size=np.where(seen[:, None], raw["size"], 0.0).astype(np.float32),  # [A, 3]
+        agent_type=raw["kind"],
         controlled=valid[:, NOW] & ~raw["expert"],                 # [A]
         eval_mask=np.isin(keep, sorted(chosen)) & valid[:, NOW],  # [A]
     )
@@ -262,14 +302,32 @@ def load_womd_json(path, max_agents: int | None = None) -> Scenes:
 
 def load_womd_dir(path, max_agents: int | None = None) -> Scenes:
     """Every *.json scene of a folder, sorted by file name, collated into one padded batch."""
-    files = sorted(Path(path).glob("*.json"))
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: {'not a folder' if path.exists() else 'the folder does not exist'} "
+                                "(expected a folder of GPUDrive JSON scenes, see womd_examples/FORMAT.md)")
+    files = sorted(path.glob("*.json"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.json scene files (GPUDrive JSON, see womd_examples/FORMAT.md)")
     return collate([load_womd_json(f, max_agents) for f in files])
 
 
-def find_womd_examples() -> Path | None:
-    """The example-scene folder: $WOMD_EXAMPLES, else <repo>/../shared/data/womd_examples; None if absent."""
+def womd_examples_dir() -> Path:
+    """Where the example scenes are looked for: $WOMD_EXAMPLES, else <repo>/../shared/data/womd_examples."""
     env = os.environ.get("WOMD_EXAMPLES")
-    p = Path(env) if env else Path(__file__).resolve().parent.parent / "shared" / "data" / "womd_examples"
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "shared" / "data" / "womd_examples"
+
+
+def find_womd_examples() -> Path | None:
+    """The example-scene folder (womd_examples_dir), or None when it is missing or holds no *.json."""
+    p = womd_examples_dir()
     return p if p.is_dir() and any(p.glob("*.json")) else None
+
+
+def missing_womd_examples() -> str:
+    """Why find_womd_examples found nothing, naming the folder it checked (for the callers' notes)."""
+    p = womd_examples_dir()
+    how = "$WOMD_EXAMPLES" if os.environ.get("WOMD_EXAMPLES") else "the default; set WOMD_EXAMPLES to move it"
+    state = ("does not exist" if not p.exists() else "is not a folder" if not p.is_dir()
+             else "holds no *.json scenes")
+    return f"{p} ({how}) {state}"

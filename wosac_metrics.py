@@ -488,8 +488,13 @@ def score_rollouts(scenes, sim_pos, sim_z, sim_yaw, version: str = "2025") -> di
 
 
 def dataset_means(per_scene: dict) -> dict:
-    """Plain mean over scenes of every per-scene metric (aggregate_scenario_metrics)."""
-    return {k: float(v.float().mean()) for k, v in per_scene.items()}
+    """Mean over scenes of every per-scene metric (aggregate_scenario_metrics), leaving out the
+    scenes where it is NaN (a scene with no scored agent), so that one such scene does not make the
+    whole suite NaN; `n_scenes_nan` counts the scenes whose realism meta was left out."""
+    out = {k: float(v.float().nanmean()) for k, v in per_scene.items()}
+    if "realism_meta" in per_scene:
+        out["n_scenes_nan"] = int(per_scene["realism_meta"].isnan().sum())
+    return out
 
 
 def benchmark_scoring(scenes, R: int = 32, repeats: int = 3, noise: float = 0.3, seed: int = 0) -> float:

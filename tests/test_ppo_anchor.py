@@ -1,6 +1,7 @@
 """SPACeR pieces: exact KL, GAE, the anchored reward of the executed token, and a short anchored
 run that pulls the policy toward a (stand-in) reference distribution."""
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -193,3 +194,67 @@ def test_short_anchored_run_pulls_policy_toward_reference(world, tmp_path):
     loaded, cfg = pa.load_policy(tmp_path / "policy.pt")
     obs = pa.make_env(scenes, tok.table, cfg).reset()
     assert torch.equal(loaded(obs, scenes.agent_type)[0], policy(obs, scenes.agent_type)[0])
+
+
+def ppo_batch(world, anchor: bool):
+    """One rollout of a fresh policy as ppo_update's flat batch (zero advantages and returns)."""
+    scenes, tok, enc = world
+    torch.manual_seed(0)
+    policy = pa.LateFusionPolicy(K)
+    env = pa.make_env(scenes, tok.table, pa.SpacerConfig())
+    roll = pa.collect_rollout(policy, env, torch.ones(scenes.B, scenes.A, dtype=torch.bool))
+    z = torch.zeros_like(roll["values"])                                         # [N, B, A]
+    anchor_logp = roll["logp_all"].clone() if anchor else None                   # [N, B, A, K]
+    return policy, pa.flatten(roll, z.clone(), z.clone(), scenes.agent_type, anchor_logp)
+
+
+@pytest.mark.parametrize("field, term", [("advantages", "policy_loss"), ("returns", "value_loss"),
+                                         ("anchor_logp", "kl_anchor")])
+def test_ppo_update_stops_on_a_non_finite_term_before_the_step(world, field, term):
+    """A NaN in the advantages, the returns or the anchor's log-probs stops the update with the
+    term named, and no weight has changed (the step that would have made them NaN never ran)."""
+    policy, batch = ppo_batch(world, anchor=True)
+    batch[field][0] = float("nan")
+    before = copy.deepcopy(policy.state_dict())
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    with pytest.raises(FloatingPointError, match=f"ppo_update: epoch 1, minibatch 1.*{term}"):
+        pa.ppo_update(policy, opt, batch, pa.SpacerConfig(minibatch_size=10 ** 6), anchor_coef=0.1)
+    assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
+    policy, batch = ppo_batch(world, anchor=True)                                # the same batch, finite
+    pa.ppo_update(policy, torch.optim.Adam(policy.parameters(), lr=1e-3), batch, pa.SpacerConfig(), 0.1)
+    assert all(bool(torch.isfinite(p).all()) for p in policy.parameters())
+
+
+def test_return_scaler_rejects_a_non_finite_reward_and_keeps_its_statistics():
+    """Before: one NaN reward made the running variance NaN for good. Now it is rejected with the
+    iteration named and the statistics are untouched, so the next finite rollout scales as usual."""
+    scaler = pa.ReturnScaler(0.99)
+    mask = torch.tensor([[True, True, False]])                                   # [B, A]
+    rewards = torch.ones(4, 1, 3)                                                # [N, B, A]
+    scaler(rewards, mask)
+    stats = dict(scaler.__dict__)
+    bad = rewards.clone()
+    bad[2, 0, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="iteration 7: the rewards"):
+        scaler(bad, mask, "spacer iteration 7")
+    assert scaler.__dict__ == stats
+    bad[2, 0, 1], bad[1, 0, 2] = 1.0, float("inf")                               # an agent that does not count
+    out = scaler(bad, mask)
+    assert bool(torch.isfinite(out[:, mask]).all()) and math.isfinite(scaler.var)
+
+
+def test_load_policy_names_a_wrong_shape_or_corrupt_checkpoint(tmp_path):
+    cfg = pa.SpacerConfig()
+    other = pa.LateFusionPolicy(K + 1)                                # weights for another vocabulary
+    save_atomic(dict(policy=other.state_dict(), K=K, cfg=dataclasses.asdict(cfg)), tmp_path / "policy.pt")
+    with pytest.raises(ValueError, match=r"policy\.pt: not a SPACeR policy checkpoint of this code "
+                                         r"\(RuntimeError: .*size mismatch.*--stage spacer"):
+        pa.load_policy(tmp_path / "policy.pt")
+    save_atomic(dict(policy=other.state_dict(), K=K + 1), tmp_path / "policy.pt")
+    with pytest.raises(ValueError, match=r"policy\.pt: lacks \['cfg'\], expected a SPACeR policy checkpoint"):
+        pa.load_policy(tmp_path / "policy.pt")
+    (tmp_path / "policy.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"policy\.pt: empty file"):
+        pa.load_policy(tmp_path / "policy.pt")
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.pt: not found .*--stage spacer"):
+        pa.load_policy(tmp_path / "nowhere.pt")

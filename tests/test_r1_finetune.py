@@ -327,3 +327,19 @@ def test_budget_and_seed_table():
     evals = [{"BC": {"m": 0.5}, "SFT": {"m": 0.6}}, {"BC": {"m": 0.7}}]
     table = evaluate.seed_table(evals, ("m",)).splitlines()
     assert table[2] == "| BC | 2 | 0.6000 +- 0.1414 |" and table[3] == "| SFT | 1 | 0.6000 |"
+
+
+def test_rft_step_stops_on_a_non_finite_k3_before_the_step():
+    """A NaN in pi_sft makes k3 (and so the MPO loss) NaN: rft_step stops naming where and the term,
+    and the weights are those before the step."""
+    scenes, tok, model = tiny_setup()
+    sft = R1.frozen_copy(model)
+    with torch.no_grad():
+        for p in sft.parameters():
+            p.fill_(float("nan"))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(FloatingPointError, match=r"RFT \(mpo\) step 3, worlds 0\.\.7.*k3"):
+        R1.rft_step(model, sft, tok, opt, scenes, tok.encode(scenes), R1.R1Config(M=4), tau=0.3,
+                    generator=torch.Generator().manual_seed(0), where="RFT (mpo) step 3")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -110,8 +110,18 @@ def test_checkpoint_round_trip(toy, tmp_path):
     assert cfg == model.cfg and torch.equal(tok2.table, tok.table)
     with torch.no_grad():
         assert torch.equal(model(scenes, enc), loaded(scenes, enc))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt: not found .*--stage reference"):
         RM.load_reference(tmp_path / "missing.pt")
+    # a checkpoint whose weights have another shape than its config says, then a truncated one
+    d = torch.load(tmp_path / "ref.pt", weights_only=True)
+    d["model"] = {k: torch.cat([v, v]) if v.dim() else v for k, v in d["model"].items()}  # [2 x, ...] each
+    S.save_atomic(d, tmp_path / "wide.pt")
+    with pytest.raises(ValueError, match=r"wide\.pt: not a reference checkpoint of this code \(RuntimeError: "
+                                         r".*size mismatch.*--stage reference"):
+        RM.load_reference(tmp_path / "wide.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "ref.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"cut\.pt: cannot be read as a torch file .*expected a reference"):
+        RM.load_reference(tmp_path / "cut.pt")
 
 
 def test_rollout_shapes_determinism_and_log_replay(toy):

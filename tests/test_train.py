@@ -259,3 +259,15 @@ def test_ctrl_c_then_resume_loses_at_most_the_epoch_in_flight(tmp_path, data_dir
     log = json.loads((out / "log.json").read_text())
     assert [e["epoch"] for e in log["bc"]] == [1, 2] and [e["epoch"] for e in log["catk"]] == [1]
     assert set(log["eval"]["results"]) == {"constant velocity", "BC", "CAT-K"}
+
+
+# ---- corrupt files of a run: a named error with the fix, never a raw traceback ------------------
+def test_resume_over_a_corrupt_checkpoint_or_log_names_the_file_and_the_fix(tmp_path, tiny):
+    files = earlier_run(tmp_path / "reference")            # bc.pt and catk.pt hold random bytes
+    with pytest.raises(ValueError, match=r"reference.(catk|bc)\.pt: cannot be read as a torch.*--overwrite"):
+        train.main(reference_args(tmp_path, "--resume"))
+    log = tmp_path / "reference" / "log.json"
+    log.write_text('{"bc": [{"epoch": 1')                 # a log cut short
+    with pytest.raises(ValueError, match=r"log\.json: not valid JSON.*expected the run's log.*--overwrite"):
+        train.main(reference_args(tmp_path, "--resume"))
+    assert {p: p.read_bytes() for p in files if p != log} == {p: b for p, b in files.items() if p != log}

@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
+import tokenizer
 from scenes import CROSSWALK, LANE, NOW, OTHER, ROAD_EDGE, T, TL_STATES
-from womd import find_womd_examples, load_womd_dir, load_womd_json
+from toy_scenes import make_toy_scenes
+from womd import find_womd_examples, load_womd_dir, load_womd_json, missing_womd_examples
 
 EXAMPLES = find_womd_examples()
 needs_examples = pytest.mark.skipif(
@@ -139,16 +142,45 @@ def _set(path, value):
 
 BROKEN = [
     ("missing-objects", lambda d: d.pop("objects"), "objects: missing"),
-    ("short-position", lambda d: d["objects"][2]["position"].pop(), r"objects\[2\]\.position: expected 91 entries, got 90"),
-    ("bad-type", _set(["objects", 1, "type"], "spaceship"), r"objects\[1\]\.type: unknown agent type 'spaceship'"),
-    ("heading-string", _set(["objects", 3, "heading", 7], "north"), r"objects\[3\]\.heading\[7\]: expected a number"),
+    ("short-position", lambda d: d["objects"][2]["position"].pop(),
+     r"objects\[2\]\.position: expected 91 entries, got 90"),
+    ("bad-type", _set(["objects", 1, "type"], "spaceship"),
+     r"objects\[1\]\.type: unknown agent type 'spaceship'"),
+    ("heading-string", _set(["objects", 3, "heading", 7], "north"),
+     r"objects\[3\]\.heading\[7\]: expected a number"),
     ("valid-int", _set(["objects", 1, "valid", 3], 1), r"objects\[1\]\.valid\[3\]: expected true/false"),
     ("size-string", _set(["objects", 3, "width"], "wide"), r"objects\[3\]\.width: expected int or float"),
-    ("point-no-y", lambda d: d["roads"][1]["geometry"][2].pop("y"), r"roads\[1\]\.geometry\[2\]\.y: expected a number"),
+    ("point-no-y", lambda d: d["roads"][1]["geometry"][2].pop("y"),
+     r"roads\[1\]\.geometry\[2\]\.y: expected a number"),
     ("road-type", _set(["roads", 2, "type"], "highway"), r"roads\[2\]\.type: unknown road type"),
     ("sdc-range", _set(["metadata", "sdc_track_index"], 4), r"metadata\.sdc_track_index: 4 is not an index"),
-    ("tl-state", _set(["tl_states", "7", "state", 0], "purple"), r"tl_states\['7'\]\.state\[0\]: unknown signal state"),
-    ("nan", _set(["objects", 2, "velocity", 9, "x"], float("nan")), r"objects\[2\]\.velocity\[9\]: non-finite"),
+    ("tl-state", _set(["tl_states", "7", "state", 0], "purple"),
+     r"tl_states\['7'\]\.state\[0\]: unknown signal state"),
+    ("nan", _set(["objects", 2, "velocity", 9, "x"], float("nan")),
+     r"objects\[2\]\.velocity\[9\]\.x: non-finite"),
+    # ranges: what float32 cannot hold, and what no real scene holds (womd.MAX_COORD, MAX_SIZE)
+    ("float32-inf", _set(["objects", 3, "position", 30, "y"], 1e308),
+     r"objects\[3\]\.position\[30\]\.y: non-finite value, or too large for float32"),
+    ("far-agent", _set(["objects", 3, "position", 20, "x"], 3e38),
+     r"objects\[3\]\.position\[20\]\.x: 3e\+38 m"),
+    ("far-agent-z", _set(["objects", 1, "position", 40, "z"], -2e5),
+     r"objects\[1\]\.position\[40\]\.z: -200000 m"),
+    ("fast-agent", _set(["objects", 2, "velocity", 9, "y"], 1e6),
+     r"objects\[2\]\.velocity\[9\]\.y: 1e\+06 m/s"),
+    ("far-map", _set(["roads", 2, "geometry", 1, "x"], 2e5),
+     r"roads\[2\]\.geometry\[1\]\.x: 198997 m from the scene origin"),
+    ("far-stop", _set(["tl_states", "7", "x", 5], -1e6), r"tl_states\['7'\]\.x\[5\]: -1.001e\+06 m"),
+    ("length-nan", _set(["objects", 3, "length"], float("nan")),
+     r"objects\[3\]\.length: nan m; expected a finite"),
+    ("width-zero", _set(["objects", 1, "width"], 0),
+     r"objects\[1\]\.width: 0\.0 m; expected a finite size > 0"),
+    ("height-negative", _set(["objects", 2, "height"], -1.5), r"objects\[2\]\.height: -1\.5 m"),
+    ("length-huge", _set(["objects", 3, "length"], 150.0), r"objects\[3\]\.length: 150\.0 m; .* < 100 m"),
+    # nothing to simulate
+    ("no-valid-agent", lambda d: [o.update(valid=[False] * T) for o in d["objects"][1:]],
+     r"objects\[\*\]\.valid: no agent is valid at any step"),
+    ("none-valid-now", lambda d: [o["valid"].__setitem__(NOW, False) for o in d["objects"][1:]],
+     r"objects\[\*\]\.valid\[10\]: no agent is valid at step 10"),
     ("top-list", lambda d: [d], "top level: expected a JSON object"),
 ]
 
@@ -287,3 +319,22 @@ def test_load_dir_with_max_agents(womd):
             dropped = d[ctrl].sort().values[len(kept_d):]
             if len(kept_d) and len(dropped):
                 assert kept_d.max() <= dropped.min() + 1e-4
+
+
+def test_missing_folder_is_named_not_skipped_silently(tmp_path, monkeypatch, capsys):
+    """Before: load_womd_dir said 'no *.json scene files' for a folder that does not exist, and the
+    eval stage and the tokenizer CLI did not say which folder they had checked."""
+    gone = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="nowhere: the folder does not exist"):
+        load_womd_dir(gone)
+    monkeypatch.setenv("WOMD_EXAMPLES", str(gone))
+    assert missing_womd_examples() == f"{gone} ($WOMD_EXAMPLES) does not exist"
+    with pytest.raises(SystemExit, match=f"no WOMD example scenes: {gone}"):
+        tokenizer.load_source("womd", 4)
+    monkeypatch.setenv("WOMD_EXAMPLES", str(tmp_path))                      # a folder with no scenes
+    assert missing_womd_examples() == f"{tmp_path} ($WOMD_EXAMPLES) holds no *.json scenes"
+    toy = make_toy_scenes(1, seed=6)
+    res = evaluate.run_eval(tmp_path / "runs", "cpu", R=2, toy=toy, womd=True)
+    assert list(res["suites"]) == ["toy"]
+    out = capsys.readouterr().out
+    assert f"the WOMD suite is skipped: {tmp_path} ($WOMD_EXAMPLES) holds no *.json scenes" in out

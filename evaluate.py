@@ -365,8 +365,9 @@ def training_curves(runs: Path, seed: int = 0) -> dict:
 def rft_curves(runs: Path) -> dict:
     """MPO's training curves of every seed of the default schedule (runs/r1/seed<S>/log.json):
     the realism reward, the exact KL(pi || pi_sft) and the entropy of pi per RFT step."""
-    logs = {p.parent.name: json.loads(p.read_text()) for p in sorted((runs / "r1").glob("seed*/log.json"))
-            if p.parent.name[4:].isdigit()}
+    fix = "delete it, or rerun that seed with --overwrite"
+    logs = {p.parent.name: read_file(p, "an r1 seed's log", fix)
+            for p in sorted((runs / "r1").glob("seed*/log.json")) if p.parent.name[4:].isdigit()}
     hist = {name: log.get("rft_mpo", []) for name, log in logs.items()}
     return {title: {name: [h.get(key) for h in steps] for name, steps in hist.items() if steps}
             for key, title in (("reward", "MPO: realism reward per RFT step"),

@@ -51,7 +51,7 @@ import scenes as S
 import wosac_metrics as wm
 from env import EnvConfig, MultiAgentEnv
 from evaluate import sync
-from scenes import NOW, T
+from scenes import T
 from tokenizer import MotionTokenizer, TokenizerConfig
 from toy_scenes import make_toy_scenes
 from womd import find_womd_examples, load_womd_dir

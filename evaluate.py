@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import distributed
 import pictures
 import ppo_anchor
 import reference_model
@@ -80,30 +81,41 @@ def human_driver_rollout(scenes: Scenes, R: int, seed: int = 0, batch_worlds: in
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def score_method(rollout_fn, scenes: Scenes, R: int, batch: int, goal_radius: float = 2.0,
-                 progress: bool = False, desc: str = "evaluate") -> dict:
+                 progress: bool = False, desc: str = "evaluate", generator=None, seed: int = 0) -> dict:
     """Realism of any sim agent given as rollout_fn(scenes [B], R) -> (pos [B, R, A, 80, 2], z, yaw
     [B, R, A, 80]), on `batch` scenes (x R worlds) at a time. Returns the WOSAC dataset means
     (realism_meta, buckets, min_ade, collision_rate, offroad_rate, ...), the goal rate (scored agents
     passing within goal_radius of their goal) and throughput: scenarios (one 8 s rollout of one
-    scene) per second of rollout time, scoring excluded."""
-    per_scene, goals, rollout_s = [], [], 0.0
-    chunks = range(0, scenes.B, batch)
+    scene) per second of rollout time, scoring excluded.
+
+    Under torchrun the chunks of `batch` scenes are dealt round-robin to the ranks and the
+    per-scene scores gathered in scene order, so the result is the single-process one (rollout_s:
+    summed over the ranks). That needs a chunk's rollouts not to depend on the chunks before it:
+    `generator` (the one rollout_fn samples with) restarts at chunk i from seed + 1_000_003 i."""
+    done, rollout_s = [], 0.0                  # (first scene, per-scene scores [b] each, goal counts [2])
+    chunks = [i for k, i in enumerate(range(0, scenes.B, batch)) if distributed.own(k)]
     if progress:
-        chunks = tqdm(chunks, desc=desc, leave=False)
+        chunks = tqdm(chunks, desc=desc, leave=False, disable=not distributed.is_writer())
     for i in chunks:
+        if generator is not None:
+            generator.manual_seed(seed + 1_000_003 * i)
         part = scenes.select(slice(i, i + batch))
         sync(part.device)
         t0 = time.perf_counter()
         pos, z, yaw = rollout_fn(part, R)                                          # [b, R, A, 80, 2], [b, R, A, 80] x2
         sync(part.device)
         rollout_s += time.perf_counter() - t0
-        for b in range(part.B):  # one scene at a time bounds the metric's memory at R = 32
-            per_scene.append(score_rollouts(part.select([b]), pos[b:b + 1], z[b:b + 1], yaw[b:b + 1]))
+        per_scene = [score_rollouts(part.select([b]), pos[b:b + 1], z[b:b + 1], yaw[b:b + 1])
+                     for b in range(part.B)]  # one scene at a time bounds the metric's memory at R = 32
         near = (pos - part.goal[:, None, :, None]).norm(dim=-1).amin(-1) < goal_radius  # [b, R, A]
         scored = (part.eval_mask & part.valid[:, :, NOW])[:, None].expand_as(near)      # [b, R, A]
-        goals.append(torch.stack([near[scored].float().sum(), scored.float().sum()]))   # [2]
-    result = dataset_means({k: torch.cat([p[k] for p in per_scene]) for k in per_scene[0]})
-    g = torch.stack(goals).sum(0)                                                 # [2]
+        done.append((i, {k: torch.cat([p[k] for p in per_scene]).cpu() for k in per_scene[0]},   # [b] each
+                     torch.stack([near[scored].float().sum(), scored.float().sum()]).cpu()))  # [2]
+    if distributed.active():                    # every rank's chunks, back in scene order
+        done = sorted((c for part in distributed.gather(done) for c in part), key=lambda c: c[0])
+        rollout_s = distributed.all_sum(rollout_s)
+    result = dataset_means({k: torch.cat([c[1][k] for c in done]) for k in done[0][1]})
+    g = torch.stack([c[2] for c in done]).sum(0)                                  # [2]
     result.update(goal_rate=(g[0] / g[1].clamp(min=1)).item(), scenarios_per_s=scenes.B * R / rollout_s,
                   rollout_s=rollout_s, n_scenes=scenes.B, rollouts=R)
     return result
@@ -229,8 +241,9 @@ def reference_rollout(model, tok, top_k: int = 8, temperature: float = 1.0, batc
     return roll
 
 
-def rollout_fn(kind: str, path: Path | None, runs: Path, device, seed: int):
-    """(rollout_fn(scenes, R) -> (pos, z, yaw), parameter count) for one method of METHODS."""
+def rollout_fn(kind: str, path: Path | None, runs: Path, device, seed: int, generator=None):
+    """(rollout_fn(scenes, R) -> (pos, z, yaw), parameter count) for one method of METHODS; a
+    reference model samples with `generator` (default: a new one seeded with `seed`)."""
     if kind == "cv":
         return constant_velocity, 0
     if kind == "human":
@@ -239,7 +252,7 @@ def rollout_fn(kind: str, path: Path | None, runs: Path, device, seed: int):
         model, tok, _ = reference_model.load_reference(path, device)
         stage = read_file(path, "a reference checkpoint", "rerun `python train.py --stage reference`").get(
             "stage_cfg", {})
-        gen = torch.Generator(device=device).manual_seed(seed)
+        gen = torch.Generator(device=device).manual_seed(seed) if generator is None else generator
         return reference_rollout(model, tok, stage.get("eval_top_k", 8), stage.get("eval_temperature", 1.0),
                                  stage.get("eval_worlds", 256), gen), model.n_params
     policy, cfg = ppo_anchor.load_policy(path, device)
@@ -301,12 +314,17 @@ def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int 
                     and (old.get("R"), old.get("seed"), old.get("device")) == (R, seed, str(device))):
                 table[name] = prev                             # unchanged since the last eval: keep its score
                 continue
-            fn, params = rollout_fn(kind, path, runs, device, seed)
-            m = score_method(fn, scenes, R, batch, progress=True, desc=f"{suite}: {name}")
+            gen = torch.Generator(device=device)                # restarted per chunk: see score_method
+            fn, params = rollout_fn(kind, path, runs, device, seed, gen)
+            m = score_method(fn, scenes, R, batch, progress=True, desc=f"{suite}: {name}", generator=gen,
+                             seed=seed)
             table[name] = dict(m, params=params, checkpoint=str(path) if path else None, mtime=stamp)
-            save_atomic(results, res_path)                      # after every method: never lose finished work
+            if distributed.is_writer():
+                save_atomic(results, res_path)                  # after every method: never lose finished work
             print(f"{suite} {name}: realism meta {m['realism_meta']:.4f}, minADE {m['min_ade']:.2f} m, "
                   f"{m['scenarios_per_s']:.1f} scenarios/s")
+    if not distributed.is_writer():                            # under torchrun rank 0 writes
+        return results
     save_atomic(results, res_path)
 
     # ---- results.md and pictures -------------------------------------------------------------
@@ -489,10 +507,13 @@ if __name__ == "__main__":
 
 # ----- scores kept in a stage's log (train.py's reference and r1 stages) -----
 def evaluate_model(model, tok, scenes: Scenes, cfg, seed: int) -> dict:
-    """WOSAC metrics, goal rate and rollout scenarios per second of R sampled rollouts per scene."""
-    gen = torch.Generator(device=scenes.device).manual_seed(seed)
+    """WOSAC metrics, goal rate and rollout scenarios per second of R sampled rollouts per scene,
+    eval_worlds // eval_R scenes at a time, each chunk's sampling started from (seed, chunk) so
+    that a chunk's rollouts are the same on whichever rank computes it (score_method)."""
+    gen = torch.Generator(device=scenes.device)
     roll = reference_rollout(model, tok, cfg.eval_top_k, cfg.eval_temperature, cfg.eval_worlds, gen)
-    return score_method(roll, scenes, cfg.eval_R, batch=scenes.B)
+    per = max(1, cfg.eval_worlds // cfg.eval_R)                # scenes per chunk: reference_rollout's
+    return score_method(roll, scenes, cfg.eval_R, per, generator=gen, seed=seed)
 
 
 def reference_scores(ref_dir: Path, R: int, n_test: int) -> dict:

@@ -81,6 +81,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+import distributed as D
 import reference_model as RM
 import wosac_metrics as wm
 from scenes import NOW, T, Scenes, check_finite
@@ -258,6 +259,9 @@ def sequence_log_probs(model, scenes: Scenes, tokens: dict, top_k: int):
 
 
 def nanmean(x) -> float:
+    """Mean of the non-NaN entries (NaN if none); over every rank's entries under torchrun."""
+    if D.active():
+        return D.nanmean(x)
     return float(x.nanmean()) if bool((~x.isnan()).any()) else math.nan
 
 
@@ -268,7 +272,11 @@ def rft_step(model, sft, tok, opt, scenes: Scenes, enc: dict, cfg: R1Config, tau
              generator=None, where: str = "rft_step") -> dict:
     """Roll out, score, and take one gradient step of MPO (or a baseline, by cfg.advantage). A
     non-finite loss, k3 or gradient norm raises FloatingPointError naming `where` and the term,
-    before the step (the weights stay as they were)."""
+    before the step (the weights stay as they were). Under torchrun each rank brings its own
+    scenes: the loss is the mean over every rank's tokens (each rank divides by the all-ranks
+    count), the gradients are summed over the ranks before the clip, and the statistics are over
+    every rank's rollouts, so the step is the same as one process's on all the scenes (up to the
+    sampled rollouts themselves)."""
     B, M, G = scenes.B, cfg.M, cfg.groups
     t0 = time.perf_counter()
     rep, out = sample_rollouts(model, tok, scenes, enc, M, cfg.rft_top_k, generator)
@@ -280,7 +288,7 @@ def rft_step(model, sft, tok, opt, scenes: Scenes, enc: dict, cfg: R1Config, tau
     N = out["tokens"]["ids"].shape[-1]
     future = torch.arange(N, device=r.device) >= tok.n0                       # [N]
     mask = out["controlled"][..., None] & future & ~adv.isnan()[:, None, None]  # [W, A, N]
-    n_tok = int(mask.sum())
+    n_tok = int(D.all_sum(float(mask.sum())))        # every rank's tokens
     beta = 0.0 if cfg.advantage == "reinforce" else cfg.beta
     model.eval()                                     # no dropout: the gradient is of the policy that sampled
     opt.zero_grad(set_to_none=True)
@@ -302,13 +310,16 @@ def rft_step(model, sft, tok, opt, scenes: Scenes, enc: dict, cfg: R1Config, tau
         for k, v in dict(loss=loss.item(), **stats, **vocab_stats(logq.detach(), logq_sft, mask[sl])).items():
             tot[k] += v * share
     if n_tok > 0:                                    # every set unscored: no step at all, not a zero one
+        D.all_reduce_grads(model.parameters())
+        tot = dict(zip(tot, D.all_sum(list(tot.values()))))
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         check_finite(grad_norm, f"{where}: the gradient norm")             # before the step, not after
         opt.step()
     else:
         grad_norm, tot = 0.0, {k: math.nan for k in tot}
-    return dict(reward=nanmean(r), n_nan_groups=int(r.isnan().sum()), adv_mean=nanmean(adv),
-                adv_pos=float((adv > 0).float().mean()), collision=nanmean(score["collision_rate"]),
+    return dict(reward=nanmean(r), n_nan_groups=int(D.all_sum(float(r.isnan().sum()))),
+                adv_mean=nanmean(adv), adv_pos=D.all_mean(float((adv > 0).float().mean())),
+                collision=nanmean(score["collision_rate"]),
                 offroad=nanmean(score["offroad_rate"]), grad_norm=grad_norm, rollout_s=t1 - t0,
                 score_s=t2 - t1, update_s=time.perf_counter() - t2, **tot)
 
@@ -333,9 +344,10 @@ def measure_tau(model, tok, get_batch, n_train: int, cfg: R1Config) -> float:
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + 99_991)
     order = torch.randperm(n_train, generator=gen)[:n]                         # [n]
     for b0 in range(0, n, cfg.scenes_per_step):
-        idx = order[b0:b0 + cfg.scenes_per_step]
+        idx = D.shard(order[b0:b0 + cfg.scenes_per_step])                     # this rank's scenes
         scenes, enc = get_batch(idx)
-        gen = torch.Generator(device=scenes.device).manual_seed(cfg.seed * 1_000_003 + 999_999 - b0)
+        gen = torch.Generator(device=scenes.device).manual_seed(cfg.seed * 1_000_003 + 999_999 - b0
+                                                                + 500_009 * D.rank())
         _, out = sample_rollouts(model, tok, scenes, enc, cfg.M, cfg.rft_top_k, gen)
         traj = out["traj"].unflatten(0, (scenes.B, cfg.M))                     # [b, M, A, 80, 3]
         rewards.append(group_scores(scenes, traj, cfg.groups)["realism_meta"].flatten())  # [b * G]
@@ -363,11 +375,12 @@ def train_rft(model, sft, tok, get_batch, n_train: int, cfg: R1Config, tau: floa
     from tqdm import tqdm
     check_config(cfg)
     history = list(history or [])
-    bar = tqdm(range(start_step, cfg.rft_steps), desc=f"RFT ({cfg.advantage})", disable=not progress,
-               leave=False)
-    for step in bar:
-        scenes, enc = get_batch(step_scenes(step, cfg.scenes_per_step, n_train, cfg.seed))
-        gen = torch.Generator(device=scenes.device).manual_seed(cfg.seed * 1_000_003 + step)
+    bar = tqdm(range(start_step, cfg.rft_steps), desc=f"RFT ({cfg.advantage})", leave=False,
+               disable=not (progress and D.is_writer()))
+    for step in bar:       # under torchrun each rank rolls out its shard of the step's scenes
+        scenes, enc = get_batch(D.shard(step_scenes(step, cfg.scenes_per_step, n_train, cfg.seed)))
+        seed = cfg.seed * 1_000_003 + step + 500_009 * D.rank()               # each rank its own draws
+        gen = torch.Generator(device=scenes.device).manual_seed(seed)
         h = rft_step(model, sft, tok, opt, scenes, enc, cfg, tau, gen,
                      where=f"RFT ({cfg.advantage}) step {step + 1}")
         history.append(dict(step=step + 1, **h))

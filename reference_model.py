@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -403,23 +402,30 @@ def log_p_ref(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, ids, 
 # --------------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------------
-def next_token_loss(logits, target, mask, smoothing: float) -> tuple:
+def next_token_loss(logits, target, mask, smoothing: float, mean_over=None) -> tuple:
     """Cross-entropy over masked (agent, step) targets: logits [B, A, N, K], target, mask
-    [B, A, N] -> (loss, accuracy) scalars."""
+    [B, A, N] -> (loss, accuracy) scalars, means over the E targets. mean_over(E) -> the count
+    to divide by instead (data parallelism: distributed.token_mean), called even when E = 0."""
     lg, tg = logits[mask], target[mask]                                        # [E, K], [E]
-    if tg.numel() == 0:
+    E = tg.numel()
+    scale = 1.0 if mean_over is None else E / max(mean_over(E), 1e-12)      # sum / mean_over(E)
+    if E == 0:
         zero = logits.sum() * 0.0
         return zero, zero.detach()
     loss = F.cross_entropy(lg, tg, label_smoothing=smoothing)
     acc = (lg.argmax(-1) == tg).float().mean()
+    if mean_over is not None:
+        loss, acc = loss * scale, acc * scale
     return loss, acc.detach()
 
 
-def bc_loss(model: ReferenceModel, scenes: Scenes, tokens: dict, smoothing: float = 0.1) -> tuple:
-    """Behaviour cloning on encoded logs: every valid target token, label smoothing 0.1."""
+def bc_loss(model: ReferenceModel, scenes: Scenes, tokens: dict, smoothing: float = 0.1,
+            mean_over=None) -> tuple:
+    """Behaviour cloning on encoded logs: every valid target token, label smoothing 0.1.
+    `model` may be a DistributedDataParallel wrapper (only its forward is called)."""
     logits = model(scenes, tokens)                                             # [B, A, N, K]
     mask = tokens["id_valid"] & tokens["pose_valid"][..., :-1]                 # [B, A, N]
-    return next_token_loss(logits, tokens["ids"], mask, smoothing)
+    return next_token_loss(logits, tokens["ids"], mask, smoothing, mean_over)
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,16 +541,17 @@ def rollout(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, R: int 
 
 
 def catk_loss(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, top_k: int = 32,
-              enc: dict | None = None) -> tuple:
+              enc: dict | None = None, forward=None, mean_over=None) -> tuple:
     """One CAT-K step's loss: roll out (no gradient, eval mode), then cross-entropy of the
     teacher-forced logits of the rolled-out sequence against the recovery tokens.
-    enc: tok.encode(scenes), if already known."""
+    enc: tok.encode(scenes), if already known. forward: what computes the teacher-forced logits
+    (a DistributedDataParallel wrapper of `model`; default the model); mean_over: next_token_loss."""
     was_training = model.training
     model.eval()
     out = closed_loop(model, tok, scenes, top_k=top_k, catk=True, enc=enc)
     model.train(was_training)
-    logits = model(scenes, out["tokens"])                                      # [B, A, N, K]
-    return next_token_loss(logits, out["targets"], out["target_valid"], smoothing=0.0)
+    logits = (forward or model)(scenes, out["tokens"])                         # [B, A, N, K]
+    return next_token_loss(logits, out["targets"], out["target_valid"], 0.0, mean_over)
 
 
 # --------------------------------------------------------------------------------------------

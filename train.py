@@ -24,8 +24,8 @@ all        reference, spacer (PPO, HR-PPO, SPACeR), r1 and eval in order, resumi
     python train.py --stage reference --resume     # continue from the last saved epoch
     python train.py --stage reference --overwrite  # start over where an earlier run's files are
 
-Nothing lost, nothing silent: the bookkeeping (refusing to overwrite, --resume, finite checks,
-flags checked when parsed) lives in runs.py so that each stage reads as its algorithm.
+The bookkeeping (refusing to overwrite, --resume, finite checks, flags) lives in runs.py, and
+`torchrun --nproc_per_node N train.py ...` (data-parallel: README, More than one machine) in distributed.py.
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import distributed as D
 import evaluate as E
 import ppo_anchor as PA
 import r1_finetune as R1
@@ -148,14 +149,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     anchored = any(getattr(args, k) not in (None, 0.0) for k in ("alpha", "beta"))
     if anchored and (args.stage == "all" or args.stage == "spacer" and args.anchor != "spacer"):
         p.error("--alpha / --beta weight the reference anchors: only for --stage spacer --anchor spacer")
+    if D.launched() and args.stage in ("spacer", "all"):
+        p.error("--stage spacer / all under torchrun: SPACeR's PPO runs in one process (README: torchrun)")
     return args
 
 
 # --------------------------------------------------------------------------------------------
-# Run folders: resume bookkeeping, finite checks, the one way a stage writes
-# --------------------------------------------------------------------------------------------
-# --------------------------------------------------------------------------------------------
-# Data: toy splits, batches, learning-rate schedule
+# The reference model: learning-rate schedule, BC / CAT-K epochs, validation, evaluation
 # --------------------------------------------------------------------------------------------
 def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
     """Linear warm-up, then cosine decay to zero."""
@@ -165,9 +165,6 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
 
-# --------------------------------------------------------------------------------------------
-# The reference model: BC / CAT-K epochs, validation, evaluation
-# --------------------------------------------------------------------------------------------
 def model_config(cfg: ReferenceStageConfig) -> RM.ReferenceConfig:
     return RM.ReferenceConfig(K=cfg.K, steps_per_token=cfg.steps_per_token, D=cfg.D, heads=cfg.heads,
                               layers=cfg.layers, dropout=cfg.dropout, window=cfg.window,
@@ -190,8 +187,9 @@ def validate(model, data: Scenes, enc: dict, cfg: ReferenceStageConfig, device) 
 def train_phase(phase: str, model, tok, opt, data: dict, enc: dict, cfg: ReferenceStageConfig, device,
                 start_epoch: int, epochs: int, peak_lr: float, run: Run) -> None:
     """Epochs of BC ("bc") or CAT-K (any other phase name) from start_epoch; after each, the log,
-    then the checkpoint <phase>.pt. The loss and the gradient norm are checked every step."""
-    n_batches = math.ceil(data["train"].B / cfg.batch_size)
+    then the checkpoint <phase>.pt. The loss and the gradient norm are checked every step. Under
+    torchrun each rank takes its shard of every batch and steps through DDP (distributed.py)."""
+    n_batches, ddp = math.ceil(data["train"].B / cfg.batch_size), D.wrap(model)
     total = epochs * n_batches
     model.train()
     for epoch in range(start_epoch, epochs):
@@ -199,16 +197,16 @@ def train_phase(phase: str, model, tok, opt, data: dict, enc: dict, cfg: Referen
         t0, c0 = time.perf_counter(), time.process_time()
         sums = dict(loss=0.0, acc=0.0)
         order = S.batches(data["train"].B, cfg.batch_size, shuffle=True, gen=gen)
-        bar = tqdm(order, desc=f"{phase} epoch {epoch + 1}/{epochs}", leave=False)
+        bar = tqdm(order, desc=f"{phase} epoch {epoch + 1}/{epochs}", leave=False, disable=not run.writer)
         for i, idx in enumerate(bar):
             where = f"{run.stage}: {phase} epoch {epoch + 1}, step {i + 1}/{n_batches}"
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * n_batches + i, total, peak_lr, cfg.warmup_frac)
-            s, tk = S.batch_of(data["train"], enc["train"], device, idx)
+            s, tk = S.batch_of(data["train"], enc["train"], device, D.shard(idx))
             if phase == "bc":
-                loss, acc = RM.bc_loss(model, s, tk, cfg.label_smoothing)
+                loss, acc = RM.bc_loss(ddp, s, tk, cfg.label_smoothing, **D.token_mean())
             else:
-                loss, acc = RM.catk_loss(model, tok, s, top_k=cfg.catk_top_k, enc=tk)
+                loss, acc = RM.catk_loss(model, tok, s, cfg.catk_top_k, tk, ddp, **D.token_mean())
             check_finite(loss, f"{where}: the loss")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -219,6 +217,7 @@ def train_phase(phase: str, model, tok, opt, data: dict, enc: dict, cfg: Referen
             sums["acc"] += acc.item()
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.3f}")
         train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0  # wall and CPU seconds
+        sums = D.mean_dict(sums)                   # each rank's share of every step's mean: the mean
         val_loss, val_acc = validate(model, data["val"], enc["val"], cfg, device)
         entry = dict(epoch=epoch + 1, train_loss=sums["loss"] / n_batches, train_acc=sums["acc"] / n_batches,
                      val_loss=val_loss, val_acc=val_acc, train_s=train_s, train_cpu_s=train_cpu_s)
@@ -236,7 +235,7 @@ def train_phase(phase: str, model, tok, opt, data: dict, enc: dict, cfg: Referen
 def stage_reference(args) -> dict:
     """Tokenizer, BC, CAT-K and the evaluation table; returns the evaluation results."""
     device = pick_device(args.device)
-    run = open_run(args, "reference", marks=("bc.pt", "catk.pt"))
+    run = replace(open_run(args, "reference", marks=("bc.pt", "catk.pt")), writer=D.is_writer())
     bc_path, catk_path = run.dir / "bc.pt", run.dir / "catk.pt"
     cfg = replace(quick_config() if args.quick else ReferenceStageConfig(), seed=args.seed)
     ck = run.checkpoint("catk.pt") or run.checkpoint("bc.pt")       # the latest phase saved
@@ -255,7 +254,8 @@ def stage_reference(args) -> dict:
     t_start = time.perf_counter()
 
     # ---- data and tokens ---------------------------------------------------------------------
-    data = toy_splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed, cfg.cache_dir)
+    with D.writer_first():                 # rank 0 generates and caches the scenes, the others read them
+        data = toy_splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed, cfg.cache_dir)
     print(f"toy scenes: train {data['train'].B}, val {data['val'].B}, test {data['test'].B} "
           f"(up to {data['train'].A} agents, {data['train'].seg_start.shape[1]} map segments)")
     if ck is not None:
@@ -266,7 +266,7 @@ def stage_reference(args) -> dict:
                                                                  seed=cfg.seed))
         run.log["tokenizer_s"] = time.perf_counter() - t0
     tok = tok.to(device)
-    enc = {split: tok.encode_split( data[split]) for split in ("train", "val")}  # log tokens, once
+    enc = {split: tok.encode_split(data[split]) for split in ("train", "val")}  # log tokens, once
     model = RM.ReferenceModel(model_config(cfg), tok.table).to(device)
     print(f"reference model: {model.n_params:,} parameters; K={cfg.K} tokens per type, "
           f"{cfg.steps_per_token} steps per token; device {device}")
@@ -349,12 +349,10 @@ def hr_ppo_teacher(run: Run, cfg: PA.SpacerConfig, scenes: Scenes, enc: dict, to
 def stage_spacer(args) -> dict:
     """Self-play PPO of the small decentralized policy on the reference's toy training scenes,
     anchored to the frozen CAT-K reference (--anchor spacer) or as the PPO / HR-PPO baselines, then
-    R = 32 rollouts per held-out test scene. Writes runs/spacer/<run>/policy.pt (atomically, every
-    few iterations: --resume continues) and log.json; scores the reference the same way once
-    (runs/spacer/reference/log.json); prints the table of every run so far.
+    R = 32 rollouts per held-out test scene. Writes runs/spacer/<run>/policy.pt (atomically, every few
+    iterations: --resume continues) and log.json; scores the reference once; prints every run's table.
 
-        python train.py --stage spacer --anchor ppo|hr-ppo|spacer [--alpha A --beta B] [--seed S]
-    """
+        python train.py --stage spacer --anchor ppo|hr-ppo|spacer [--alpha A --beta B] [--seed S]"""
     device = pick_device(args.device)
     cfg, name = spacer_config(args)
     run = open_run(args, f"spacer/{name}", marks=("policy.pt",))
@@ -476,12 +474,11 @@ def stage_r1(args) -> dict:
     against the frozen SFT-1, SFT-2 = N CAT-K epochs, and the control SFT-SFT = SFT-1 + N CAT-K
     epochs (2N in both arms, the same rate schedule); with --variants also RFT with the GRPO-style
     and the no-KL REINFORCE advantages, and the trajectory-matched control. Every model is scored
-    on the held-out test scenes with eval_R rollouts (one sampling seed for all). Writes
-    runs/r1/seed<S>/*.pt and log.json atomically after every epoch / few RFT steps (--resume skips
-    finished sub-stages and continues the current one); prints this seed's table and the seed means."""
+    on the held-out test scenes with eval_R rollouts (one sampling seed for all). Writes runs/r1/seed<S>/
+    *.pt and log.json after every epoch / few RFT steps (--resume continues); prints the tables."""
     device = pick_device(args.device)
     cfg, stage = r1_config(args)
-    run = open_run(args, stage, marks=("log.json", "*.pt"))
+    run = replace(open_run(args, stage, marks=("log.json", "*.pt")), writer=D.is_writer())
     ref_dir = Path(args.runs) / "reference"
     bc_path, catk_path = ref_dir / "bc.pt", ref_dir / "catk.pt"
     if not (bc_path.is_file() and catk_path.is_file()):
@@ -497,9 +494,11 @@ def stage_r1(args) -> dict:
 
     # ---- data, the tokenizer, the SFT settings (the reference stage's CAT-K settings) ------------
     ref_cfg = ReferenceStageConfig(**load_checkpoint(bc_path, ("stage_cfg",))["stage_cfg"])
-    data = toy_splits(ref_cfg.n_train, ref_cfg.n_val, ref_cfg.n_test, ref_cfg.data_seed, ref_cfg.cache_dir)
+    with D.writer_first():
+        data = toy_splits(ref_cfg.n_train, ref_cfg.n_val, ref_cfg.n_test, ref_cfg.data_seed,
+                          ref_cfg.cache_dir)
     _, tok, _ = RM.load_reference(bc_path, device)
-    enc = {split: tok.encode_split( data[split]) for split in ("train", "val")}
+    enc = {split: tok.encode_split(data[split]) for split in ("train", "val")}
     n_train = data["train"].B
     epochs = R1.schedule(cfg, n_train)
     sft_cfg = replace(ref_cfg, seed=cfg.seed)      # train_phase's batch size, CAT-K top-k, clip, warm-up
@@ -568,9 +567,8 @@ def stage_r1(args) -> dict:
 
 # ---- the eval stage and the entry point ----------------------------------------------------
 def stage_eval(args) -> dict:
-    """Every method side by side (evaluate.run_eval): the held-out toy test scenes and the real
-    WOMD examples where present, R = 32 rollouts each; runs/eval/results.{md,json} and pictures.
-    A method whose checkpoint is missing is listed as missing. --quick: EVAL_QUICK."""
+    """Every method side by side (evaluate.run_eval): held-out toy and real WOMD scenes, R = 32 rollouts
+    each; runs/eval/results.{md,json} and pictures; a missing checkpoint is listed. --quick: EVAL_QUICK."""
     quick = EVAL_QUICK if args.quick else {}
     return E.run_eval(args.runs, pick_device(args.device), seed=args.seed, **quick)
 
@@ -584,6 +582,7 @@ def main(argv=None) -> int:
         args = parse_args(argv)
     except SystemExit as stop:             # argparse has printed the usage and what is wrong with which flag
         return stop.code
+    args.device = D.setup(args.device)     # under torchrun: join the process group, this rank's device
     for stage in (ORDER if args.stage == "all" else (args.stage,)):
         if stage == "spacer" and args.stage == "all":  # the table's three rows: two baselines and SPACeR
             for anchor in ("ppo", "hr-ppo", "spacer"):
@@ -592,6 +591,8 @@ def main(argv=None) -> int:
         else:
             with finite_steps(stage):
                 STAGES[stage](args)
+        D.barrier()                        # the next stage reads what rank 0 wrote
+    D.cleanup()
     return 0
 
 

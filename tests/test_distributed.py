@@ -167,7 +167,8 @@ def test_two_process_reference_stage_writes_one_set_of_files(tmp_path):
     runs = tmp_path / "runs"
     done = torchrun(script, "--stage", "reference", "--quick", "--device", "cpu", "--runs", str(runs))
     files = sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*") if p.is_file())
-    assert files == ["reference/bc.pt", "reference/catk.pt", "reference/log.json"]
+    assert files == ["reference/bc.pt", "reference/bc.pt.sha256", "reference/catk.pt",
+                     "reference/catk.pt.sha256", "reference/log.json"]     # one of each: rank 0 wrote
     log = json.loads((runs / "reference" / "log.json").read_text())
     assert [e["epoch"] for e in log["bc"]] == [1, 2] and [e["epoch"] for e in log["catk"]] == [1]
     assert set(log["eval"]["results"]) == {"constant velocity", "BC", "CAT-K"}

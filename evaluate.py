@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import distributed
+import distributed as D
 import pictures
-import ppo_anchor
-import reference_model
+import ppo_anchor as PA
+import reference_model as RM
 from env import EnvConfig, MultiAgentEnv
 from human_driver import HumanDriver
 from scenes import DT, NOW, T, Scenes, read_file, save_atomic
@@ -93,9 +93,9 @@ def score_method(rollout_fn, scenes: Scenes, R: int, batch: int, goal_radius: fl
     summed over the ranks). That needs a chunk's rollouts not to depend on the chunks before it:
     `generator` (the one rollout_fn samples with) restarts at chunk i from seed + 1_000_003 i."""
     done, rollout_s = [], 0.0                  # (first scene, per-scene scores [b] each, goal counts [2])
-    chunks = [i for k, i in enumerate(range(0, scenes.B, batch)) if distributed.own(k)]
+    chunks = [i for k, i in enumerate(range(0, scenes.B, batch)) if D.own(k)]
     if progress:
-        chunks = tqdm(chunks, desc=desc, leave=False, disable=not distributed.is_writer())
+        chunks = tqdm(chunks, desc=desc, leave=False, disable=not D.is_writer())
     for i in chunks:
         if generator is not None:
             generator.manual_seed(seed + 1_000_003 * i)
@@ -111,9 +111,9 @@ def score_method(rollout_fn, scenes: Scenes, R: int, batch: int, goal_radius: fl
         scored = (part.eval_mask & part.valid[:, :, NOW])[:, None].expand_as(near)      # [b, R, A]
         done.append((i, {k: torch.cat([p[k] for p in per_scene]).cpu() for k in per_scene[0]},   # [b] each
                      torch.stack([near[scored].float().sum(), scored.float().sum()]).cpu()))  # [2]
-    if distributed.active():                    # every rank's chunks, back in scene order
-        done = sorted((c for part in distributed.gather(done) for c in part), key=lambda c: c[0])
-        rollout_s = distributed.all_sum(rollout_s)
+    if D.active():                              # every rank's chunks, back in scene order
+        done = sorted((c for part in D.gather(done) for c in part), key=lambda c: c[0])
+        rollout_s = D.all_sum(rollout_s)
     result = dataset_means({k: torch.cat([c[1][k] for c in done]) for k in done[0][1]})
     g = torch.stack([c[2] for c in done]).sum(0)                                  # [2]
     result.update(goal_rate=(g[0] / g[1].clamp(min=1)).item(), scenarios_per_s=scenes.B * R / rollout_s,
@@ -235,7 +235,7 @@ def reference_rollout(model, tok, top_k: int = 8, temperature: float = 1.0, batc
                       generator=None):
     """A reference model (reference_model.rollout) as a rollout function for score_method."""
     def roll(s, R):
-        out = reference_model.rollout(model, tok, s, R=R, top_k=top_k, temperature=temperature, generator=generator,
+        out = RM.rollout(model, tok, s, R=R, top_k=top_k, temperature=temperature, generator=generator,
                          batch_worlds=batch_worlds)
         return out["traj"][..., :2], out["z"], out["traj"][..., 2]              # [B, R, A, 80, 2], [B, R, A, 80] x2
     return roll
@@ -249,19 +249,19 @@ def rollout_fn(kind: str, path: Path | None, runs: Path, device, seed: int, gene
     if kind == "human":
         return (lambda s, R: human_driver_rollout(s, R, seed=seed)), 0
     if kind == "reference":
-        model, tok, _ = reference_model.load_reference(path, device)
+        model, tok, _ = RM.load_reference(path, device)
         stage = read_file(path, "a reference checkpoint", "rerun `python train.py --stage reference`").get(
             "stage_cfg", {})
         gen = torch.Generator(device=device).manual_seed(seed) if generator is None else generator
         return reference_rollout(model, tok, stage.get("eval_top_k", 8), stage.get("eval_temperature", 1.0),
                                  stage.get("eval_worlds", 256), gen), model.n_params
-    policy, cfg = ppo_anchor.load_policy(path, device)
-    _, tok, _ = reference_model.load_reference(runs / "reference" / "catk.pt", device)  # the vocabulary the policy acts in
+    policy, cfg = PA.load_policy(path, device)
+    _, tok, _ = RM.load_reference(runs / "reference" / "catk.pt", device)  # the vocabulary the policy acts in
 
     def roll(s, R):
         torch.manual_seed(seed)
-        return ppo_anchor.policy_rollout(policy, s, R, tok.table, cfg)
-    return roll, ppo_anchor.count_parameters(policy)
+        return PA.policy_rollout(policy, s, R, tok.table, cfg)
+    return roll, PA.count_parameters(policy)
 
 
 def held_out_scenes(runs: Path) -> Scenes:
@@ -319,11 +319,11 @@ def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int 
             m = score_method(fn, scenes, R, batch, progress=True, desc=f"{suite}: {name}", generator=gen,
                              seed=seed)
             table[name] = dict(m, params=params, checkpoint=str(path) if path else None, mtime=stamp)
-            if distributed.is_writer():
+            if D.is_writer():
                 save_atomic(results, res_path)                  # after every method: never lose finished work
             print(f"{suite} {name}: realism meta {m['realism_meta']:.4f}, minADE {m['min_ade']:.2f} m, "
                   f"{m['scenarios_per_s']:.1f} scenarios/s")
-    if not distributed.is_writer():                            # under torchrun rank 0 writes
+    if not D.is_writer():                                      # under torchrun rank 0 writes
         return results
     save_atomic(results, res_path)
 

@@ -102,7 +102,7 @@ def score_method(rollout_fn, scenes: Scenes, R: int, batch: int, goal_radius: fl
         part = scenes.select(slice(i, i + batch))
         sync(part.device)
         t0 = time.perf_counter()
-        pos, z, yaw = rollout_fn(part, R)                                          # [b, R, A, 80, 2], [b, R, A, 80] x2
+        pos, z, yaw = rollout_fn(part, R)                                 # [b, R, A, 80, 2], [b, R, A, 80] x2
         sync(part.device)
         rollout_s += time.perf_counter() - t0
         per_scene = [score_rollouts(part.select([b]), pos[b:b + 1], z[b:b + 1], yaw[b:b + 1])
@@ -237,7 +237,7 @@ def reference_rollout(model, tok, top_k: int = 8, temperature: float = 1.0, batc
     def roll(s, R):
         out = RM.rollout(model, tok, s, R=R, top_k=top_k, temperature=temperature, generator=generator,
                          batch_worlds=batch_worlds)
-        return out["traj"][..., :2], out["z"], out["traj"][..., 2]              # [B, R, A, 80, 2], [B, R, A, 80] x2
+        return out["traj"][..., :2], out["z"], out["traj"][..., 2]        # [B, R, A, 80, 2], [B, R, A, 80] x2
     return roll
 
 
@@ -408,7 +408,7 @@ def log_replay_events(scenes: Scenes) -> dict:
     log_only = dataclasses.replace(scenes, controlled=torch.zeros_like(scenes.controlled))
     env = MultiAgentEnv(log_only, EnvConfig(mode="continuous"))
     env.reset()
-    no_action = torch.zeros(env.B, env.A, 2, device=env.device)               # [B, A, 2] ignored: nobody is controlled
+    no_action = torch.zeros(env.B, env.A, 2, device=env.device)      # [B, A, 2] ignored: nobody is controlled
     coll, off = [], []
     for t in range(NOW, T - 1):
         _, _, info = env.step(no_action)
@@ -434,9 +434,9 @@ def human_driver_spread(scenes: Scenes, R: int, seed: int) -> dict:
     offroad_rate (fraction of (rollout, scored agent) pairs with any event), min_ade and
     realism_meta; plus `spread`, the mean over scored agents of the mean distance between two
     rollouts' final positions (step 90)."""
-    pos, z, yaw = human_driver_rollout(scenes, R, seed=seed)                   # [B, R, A, 80, 2], [B, R, A, 80] x2
+    pos, z, yaw = human_driver_rollout(scenes, R, seed=seed)              # [B, R, A, 80, 2], [B, R, A, 80] x2
     per_scene = [score_rollouts(scenes.select([b]), pos[b:b + 1], z[b:b + 1], yaw[b:b + 1])
-                 for b in range(scenes.B)]                                     # one scene at a time: bounded memory
+                 for b in range(scenes.B)]                               # one scene at a time: bounded memory
     out = dataset_means({k: torch.cat([p[k] for p in per_scene]) for k in per_scene[0]})
     final = pos[:, :, :, -1].transpose(1, 2)                                   # [B, A, R, 2] step 90
     pair = torch.cdist(final, final)                                           # [B, A, R, R]

@@ -93,13 +93,13 @@ def map_tokens(scenes: Scenes, length: float) -> dict:
     seg_len = (b - a).norm(dim=-1) * ok                                      # [B, S]
     poly = torch.where(ok, scenes.seg_poly, torch.full_like(scenes.seg_poly, -1))  # [B, S]
     first = ok & (poly != F.pad(poly, (1, 0), value=-2)[:, :-1])            # [B, S] a polyline starts here
-    before = seg_len.cumsum(-1) - seg_len                                    # [B, S] arc length before each segment
+    before = seg_len.cumsum(-1) - seg_len                              # [B, S] arc length before each segment
     poly_start = torch.where(first, before, torch.zeros_like(before)).cummax(-1).values  # [B, S]
-    piece = ((before - poly_start) / length).floor().long()                 # [B, S] piece index within its polyline
+    piece = ((before - poly_start) / length).floor().long()           # [B, S] piece index within its polyline
     new = ok & (first | (piece != F.pad(piece, (1, 0), value=-1)[:, :-1]))  # [B, S] a map token starts here
     tid = new.long().cumsum(-1) - 1                                          # [B, S]
     M = max(int(tid.max()) + 1 if S else 1, 1)
-    tid = torch.where(ok, tid.clamp(min=0), torch.full_like(tid, M))         # [B, S] padding goes to a dump slot M
+    tid = torch.where(ok, tid.clamp(min=0), torch.full_like(tid, M))    # [B, S] padding goes to a dump slot M
     idx = torch.arange(S, device=ok.device).expand(B, S)                     # [B, S]
     first_seg = torch.full((B, M + 1), S, device=ok.device).scatter_reduce(1, tid, idx, "amin")[:, :M]  # [B, M]
     last_seg = torch.full((B, M + 1), -1, device=ok.device).scatter_reduce(1, tid, idx, "amax")[:, :M]  # [B, M]
@@ -196,9 +196,9 @@ class AttentionBlock(nn.Module):
         k = (k + r).reshape(-1, C, H, dh).transpose(1, 2)                    # [X, H, C, dh]
         v = (v + r).reshape(-1, C, H, dh).transpose(1, 2)                    # [X, H, C, dh]
         seen = mask.any(-1, keepdim=True)                                    # [..., 1]
-        mask = mask | ~seen & (torch.arange(C, device=mask.device) == 0)     # never a row with nothing visible
+        mask = mask | ~seen & (torch.arange(C, device=mask.device) == 0)    # never a row with nothing visible
         msg = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.reshape(-1, 1, 1, C))  # [X, H, 1, dh]
-        msg = msg.reshape(x.shape) * seen                                    # [..., D] zero when nothing is visible
+        msg = msg.reshape(x.shape) * seen                              # [..., D] zero when nothing is visible
         x = x + self.drop(self.out(msg))
         return x + self.drop(self.ff(self.norm_ff(x)))
 
@@ -290,7 +290,7 @@ class ReferenceModel(nn.Module):
         valid_all = torch.cat([past["valid"], valid], 2)                       # [B, A, W-1+N']
         send_t = pose_all.unfold(2, W, 1).transpose(-1, -2)                   # [B, A, N', W, 3]
         ok_t = valid_all.unfold(2, W, 1)                                      # [B, A, N', W]
-        gap = torch.eye(W, device=dev).flip(0).expand(B, A, Nn, W, W)          # [B, A, N', W, W] one-hot of W-1-w
+        gap = torch.eye(W, device=dev).flip(0).expand(B, A, Nn, W, W)      # [B, A, N', W, W] one-hot of W-1-w
         f_t = torch.cat([pose_features(pose[..., None, :], send_t, cfg.harmonics), gap], -1)  # [B, A, N', W, F]
         r_t = self.rel_time(f_t)                                               # [B, A, N', W, D]
 
@@ -317,7 +317,7 @@ class ReferenceModel(nn.Module):
         r_a = self.rel_agent(pose_features(pose_n[..., None, :], send_a, cfg.harmonics))  # [B, N', A, C, D]
 
         new_kv = []
-        window = lambda z: z.unfold(2, W, 1).transpose(-1, -2)                 # [B, A, W-1+N', D] -> [B, A, N', W, D]
+        window = lambda z: z.unfold(2, W, 1).transpose(-1, -2)         # [B, A, W-1+N', D] -> [B, A, N', W, D]
         for (temporal, to_map, to_agent), (map_k, map_v), (past_k, past_v) in zip(self.blocks, ctx["map_kv"], past["kv"]):
             k, v = temporal.keys_values(x)                                     # [B, A, N', D] each
             k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)        # [B, A, W-1+N', D] each
@@ -469,7 +469,7 @@ def closed_loop(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, top
     N, n0, spt = tok.N, tok.n0, tok.steps_per_token
     enc = tok.encode(scenes) if enc is None else enc
     ids, id_valid = enc["ids"].clone(), enc["id_valid"].clone()               # [B, A, N]
-    pose, pose_valid = enc["pose"].clone(), enc["pose_valid"].clone()         # [B, A, N + 1, 3], [B, A, N + 1]
+    pose, pose_valid = enc["pose"].clone(), enc["pose_valid"].clone()        # [B, A, N + 1, 3], [B, A, N + 1]
     B, A = ids.shape[:2]
     kind = scenes.agent_type                                                   # [B, A]
     ctrl = scenes.controlled & pose_valid[:, :, n0]                            # [B, A]

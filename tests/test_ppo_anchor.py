@@ -238,7 +238,7 @@ def test_return_scaler_rejects_a_non_finite_reward_and_keeps_its_statistics():
     with pytest.raises(FloatingPointError, match="iteration 7: the rewards"):
         scaler(bad, mask, "spacer iteration 7")
     assert scaler.__dict__ == stats
-    bad[2, 0, 1], bad[1, 0, 2] = 1.0, float("inf")                               # an agent that does not count
+    bad[2, 0, 1], bad[1, 0, 2] = 1.0, float("inf")                              # an agent that does not count
     out = scaler(bad, mask)
     assert bool(torch.isfinite(out[:, mask]).all()) and math.isfinite(scaler.var)
 

@@ -51,7 +51,8 @@ def constant_velocity(scenes: Scenes, R: int) -> tuple:
     pos = scenes.pos[:, :, NOW, None] + scenes.vel[:, :, NOW, None] * t[:, None]  # [B, A, 80, 2]
     ctrl = scenes.controlled[..., None]                                        # [B, A, 1]
     pos = torch.where(ctrl[..., None], pos, scenes.pos[:, :, NOW + 1:])        # [B, A, 80, 2]
-    yaw = torch.where(ctrl, scenes.yaw[:, :, NOW, None].expand_as(pos[..., 0]), scenes.yaw[:, :, NOW + 1:])  # [B, A, 80]
+    # [B, A, 80]
+    yaw = torch.where(ctrl, scenes.yaw[:, :, NOW, None].expand_as(pos[..., 0]), scenes.yaw[:, :, NOW + 1:])
     z = scenes.z[:, :, NOW, None].expand_as(yaw)                               # [B, A, 80]
     rep = lambda x: x[:, None].expand(-1, R, *([-1] * (x.dim() - 1))).contiguous()
     return rep(pos), rep(z), rep(yaw)
@@ -451,7 +452,8 @@ def env_report(argv=None) -> None:
     """Print the env's sanity numbers as markdown: (a) log replay through the env, its event
     flags against the metric's on the same logs; (b) the human driver re-run closed loop."""
     p = argparse.ArgumentParser(description="The env's sanity report: log replay events and human-driver "
-                                "rollouts through the env (the results table is `python train.py --stage eval`)")
+                                "rollouts through the env (the results table is "
+                                "`python train.py --stage eval`)")
     p.add_argument("--env-report", action="store_true", required=True, help="print the env's sanity report")
     p.add_argument("--toy", type=int, default=16, help="toy scenes")
     p.add_argument("--R", type=int, default=8, help="human-driver rollouts per toy scene")
@@ -492,7 +494,8 @@ def env_report(argv=None) -> None:
     t0 = time.perf_counter()
     h = human_driver_spread(toy, args.R, seed=args.seed + 1)
     print(f"| {toy_name} | {h['n_agents']} | {h['collision_rate']:.4f} | {h['offroad_rate']:.4f} "
-          f"| {h['spread']:.2f} | {h['min_ade']:.3f} | {h['realism_meta']:.4f} | {time.perf_counter() - t0:.1f} |")
+          f"| {h['spread']:.2f} | {h['min_ade']:.3f} | {h['realism_meta']:.4f} "
+          f"| {time.perf_counter() - t0:.1f} |")
     print("\n(a) env: the env's per-step flags with every agent replaying its log; metric: "
           "wosac_metrics.trajectory_features of the log. (b) rates and minADE as score_rollouts "
           "reports them (mean over scenes; collision / off-road: fraction of (rollout, scored agent) "

@@ -84,7 +84,8 @@ ROAD_DIM = 4 + 1 + len(MAP_TYPES)  # mid x, mid y, cos, sin, length, type one-ho
 class MultiAgentEnv:
     """B worlds x A agents. `reset()` -> obs; `step(actions)` -> (obs, reward [B, A], info)."""
 
-    def __init__(self, scenes: Scenes, cfg: EnvConfig = EnvConfig(), token_table=None, steps_per_token: int = 1):
+    def __init__(self, scenes: Scenes, cfg: EnvConfig = EnvConfig(), token_table=None,
+                 steps_per_token: int = 1):
         if cfg.mode not in ("token", "bicycle", "continuous"):
             raise ValueError(f"EnvConfig.mode must be token, bicycle or continuous, got {cfg.mode!r}")
         if cfg.mode == "token" and token_table is None:
@@ -114,7 +115,8 @@ class MultiAgentEnv:
         L, W = scenes.size[..., 0], scenes.size[..., 1]                           # [B, A]
         half_diag = 0.5 * torch.sqrt(L * L + W * W)                               # [B, A]
         reach = half_diag.unsqueeze(-1) + half_diag.unsqueeze(-2) + 1e-2          # [B, A, A]
-        self.reach2 = torch.where(torch.eye(self.A, dtype=torch.bool, device=self.device), -1.0, reach * reach)
+        self.reach2 = torch.where(torch.eye(self.A, dtype=torch.bool, device=self.device), -1.0,
+                                  reach * reach)
 
     # ---- episode start ---------------------------------------------------------------------
     def reset(self, start_step: int = NOW):
@@ -256,7 +258,8 @@ class MultiAgentEnv:
         goal_dist = goal_ego.norm(dim=-1, keepdim=True)                           # [B, A, 1]
         goal_ego = goal_ego / goal_dist.clamp(min=1.0) * goal_dist.clamp(max=100.0) / 100.0  # [B, A, 2]
         type1h = torch.nn.functional.one_hot(s.agent_type, 3).float()             # [B, A, 3]
-        ego = torch.cat([self.speed.unsqueeze(-1) / 30.0, s.size[..., :2] / torch.tensor([10.0, 5.0], device=self.device),
+        ego = torch.cat([self.speed.unsqueeze(-1) / 30.0,
+                         s.size[..., :2] / torch.tensor([10.0, 5.0], device=self.device),
                          type1h, goal_ego, goal_dist.clamp(max=100.0) / 100.0,
                          self.collided.unsqueeze(-1).float(), self.offroad.unsqueeze(-1).float(),
                          self.goal_reached.unsqueeze(-1).float()], -1)            # [B, A, EGO_DIM]
@@ -274,8 +277,9 @@ class MultiAgentEnv:
         dyaw = self.yaw[bidx, j] - self.yaw.unsqueeze(-1)                         # [B, A, P]
         rel_v = to_local_xy(self.vel[bidx, j], torch.zeros_like(self.pos), self.yaw) - to_local_xy(
             self.vel.unsqueeze(-2), torch.zeros_like(self.pos), self.yaw)          # [B, A, P, 2]
-        partners = torch.cat([rel / cfg.obs_radius, torch.cos(dyaw).unsqueeze(-1), torch.sin(dyaw).unsqueeze(-1),
-                              rel_v / 30.0, s.size[bidx, j, :2] / torch.tensor([10.0, 5.0], device=self.device),
+        partners = torch.cat([rel / cfg.obs_radius, torch.cos(dyaw).unsqueeze(-1),
+                              torch.sin(dyaw).unsqueeze(-1), rel_v / 30.0,
+                              s.size[bidx, j, :2] / torch.tensor([10.0, 5.0], device=self.device),
                               # [B, A, P, PARTNER_DIM]
                               torch.nn.functional.one_hot(s.agent_type[bidx, j], 3).float()], -1)
         partners = partners * p_mask.unsqueeze(-1)
@@ -305,7 +309,8 @@ class MultiAgentEnv:
 
     # ---- what the metrics need ---------------------------------------------------------------
     def rollout_future(self):
-        """The executed future for wosac_metrics.score_rollouts: pos [B, A, 80, 2], z [B, A, 80], yaw [B, A, 80].
+        """The executed future for wosac_metrics.score_rollouts: pos [B, A, 80, 2], z [B, A, 80],
+        yaw [B, A, 80].
         z is frozen at its step-10 value (the toy world is flat; WOSAC only uses z for ADE)."""
         z = self.s.z[:, :, NOW:NOW + 1].expand(-1, -1, T - NOW - 1)               # [B, A, 80]
         return self.traj_pos[:, :, NOW + 1:], z, self.traj_yaw[:, :, NOW + 1:]

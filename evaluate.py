@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import distributed
+import distributed as D
 import pictures
-import ppo_anchor
-import reference_model
+import ppo_anchor as PA
+import reference_model as RM
 from env import EnvConfig, MultiAgentEnv
 from human_driver import HumanDriver
 from scenes import DT, NOW, T, Scenes, read_file, save_atomic
@@ -51,7 +51,8 @@ def constant_velocity(scenes: Scenes, R: int) -> tuple:
     pos = scenes.pos[:, :, NOW, None] + scenes.vel[:, :, NOW, None] * t[:, None]  # [B, A, 80, 2]
     ctrl = scenes.controlled[..., None]                                        # [B, A, 1]
     pos = torch.where(ctrl[..., None], pos, scenes.pos[:, :, NOW + 1:])        # [B, A, 80, 2]
-    yaw = torch.where(ctrl, scenes.yaw[:, :, NOW, None].expand_as(pos[..., 0]), scenes.yaw[:, :, NOW + 1:])  # [B, A, 80]
+    # [B, A, 80]
+    yaw = torch.where(ctrl, scenes.yaw[:, :, NOW, None].expand_as(pos[..., 0]), scenes.yaw[:, :, NOW + 1:])
     z = scenes.z[:, :, NOW, None].expand_as(yaw)                               # [B, A, 80]
     rep = lambda x: x[:, None].expand(-1, R, *([-1] * (x.dim() - 1))).contiguous()
     return rep(pos), rep(z), rep(yaw)
@@ -93,16 +94,16 @@ def score_method(rollout_fn, scenes: Scenes, R: int, batch: int, goal_radius: fl
     summed over the ranks). That needs a chunk's rollouts not to depend on the chunks before it:
     `generator` (the one rollout_fn samples with) restarts at chunk i from seed + 1_000_003 i."""
     done, rollout_s = [], 0.0                  # (first scene, per-scene scores [b] each, goal counts [2])
-    chunks = [i for k, i in enumerate(range(0, scenes.B, batch)) if distributed.own(k)]
+    chunks = [i for k, i in enumerate(range(0, scenes.B, batch)) if D.own(k)]
     if progress:
-        chunks = tqdm(chunks, desc=desc, leave=False, disable=not distributed.is_writer())
+        chunks = tqdm(chunks, desc=desc, leave=False, disable=not D.is_writer())
     for i in chunks:
         if generator is not None:
             generator.manual_seed(seed + 1_000_003 * i)
         part = scenes.select(slice(i, i + batch))
         sync(part.device)
         t0 = time.perf_counter()
-        pos, z, yaw = rollout_fn(part, R)                                          # [b, R, A, 80, 2], [b, R, A, 80] x2
+        pos, z, yaw = rollout_fn(part, R)                                 # [b, R, A, 80, 2], [b, R, A, 80] x2
         sync(part.device)
         rollout_s += time.perf_counter() - t0
         per_scene = [score_rollouts(part.select([b]), pos[b:b + 1], z[b:b + 1], yaw[b:b + 1])
@@ -111,9 +112,9 @@ def score_method(rollout_fn, scenes: Scenes, R: int, batch: int, goal_radius: fl
         scored = (part.eval_mask & part.valid[:, :, NOW])[:, None].expand_as(near)      # [b, R, A]
         done.append((i, {k: torch.cat([p[k] for p in per_scene]).cpu() for k in per_scene[0]},   # [b] each
                      torch.stack([near[scored].float().sum(), scored.float().sum()]).cpu()))  # [2]
-    if distributed.active():                    # every rank's chunks, back in scene order
-        done = sorted((c for part in distributed.gather(done) for c in part), key=lambda c: c[0])
-        rollout_s = distributed.all_sum(rollout_s)
+    if D.active():                              # every rank's chunks, back in scene order
+        done = sorted((c for part in D.gather(done) for c in part), key=lambda c: c[0])
+        rollout_s = D.all_sum(rollout_s)
     result = dataset_means({k: torch.cat([c[1][k] for c in done]) for k in done[0][1]})
     g = torch.stack([c[2] for c in done]).sum(0)                                  # [2]
     result.update(goal_rate=(g[0] / g[1].clamp(min=1)).item(), scenarios_per_s=scenes.B * R / rollout_s,
@@ -235,9 +236,9 @@ def reference_rollout(model, tok, top_k: int = 8, temperature: float = 1.0, batc
                       generator=None):
     """A reference model (reference_model.rollout) as a rollout function for score_method."""
     def roll(s, R):
-        out = reference_model.rollout(model, tok, s, R=R, top_k=top_k, temperature=temperature, generator=generator,
+        out = RM.rollout(model, tok, s, R=R, top_k=top_k, temperature=temperature, generator=generator,
                          batch_worlds=batch_worlds)
-        return out["traj"][..., :2], out["z"], out["traj"][..., 2]              # [B, R, A, 80, 2], [B, R, A, 80] x2
+        return out["traj"][..., :2], out["z"], out["traj"][..., 2]        # [B, R, A, 80, 2], [B, R, A, 80] x2
     return roll
 
 
@@ -249,19 +250,19 @@ def rollout_fn(kind: str, path: Path | None, runs: Path, device, seed: int, gene
     if kind == "human":
         return (lambda s, R: human_driver_rollout(s, R, seed=seed)), 0
     if kind == "reference":
-        model, tok, _ = reference_model.load_reference(path, device)
+        model, tok, _ = RM.load_reference(path, device)
         stage = read_file(path, "a reference checkpoint", "rerun `python train.py --stage reference`").get(
             "stage_cfg", {})
         gen = torch.Generator(device=device).manual_seed(seed) if generator is None else generator
         return reference_rollout(model, tok, stage.get("eval_top_k", 8), stage.get("eval_temperature", 1.0),
                                  stage.get("eval_worlds", 256), gen), model.n_params
-    policy, cfg = ppo_anchor.load_policy(path, device)
-    _, tok, _ = reference_model.load_reference(runs / "reference" / "catk.pt", device)  # the vocabulary the policy acts in
+    policy, cfg = PA.load_policy(path, device)
+    _, tok, _ = RM.load_reference(runs / "reference" / "catk.pt", device)  # the vocabulary the policy acts in
 
     def roll(s, R):
         torch.manual_seed(seed)
-        return ppo_anchor.policy_rollout(policy, s, R, tok.table, cfg)
-    return roll, ppo_anchor.count_parameters(policy)
+        return PA.policy_rollout(policy, s, R, tok.table, cfg)
+    return roll, PA.count_parameters(policy)
 
 
 def held_out_scenes(runs: Path) -> Scenes:
@@ -319,11 +320,11 @@ def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int 
             m = score_method(fn, scenes, R, batch, progress=True, desc=f"{suite}: {name}", generator=gen,
                              seed=seed)
             table[name] = dict(m, params=params, checkpoint=str(path) if path else None, mtime=stamp)
-            if distributed.is_writer():
+            if D.is_writer():
                 save_atomic(results, res_path)                  # after every method: never lose finished work
             print(f"{suite} {name}: realism meta {m['realism_meta']:.4f}, minADE {m['min_ade']:.2f} m, "
                   f"{m['scenarios_per_s']:.1f} scenarios/s")
-    if not distributed.is_writer():                            # under torchrun rank 0 writes
+    if not D.is_writer():                                      # under torchrun rank 0 writes
         return results
     save_atomic(results, res_path)
 
@@ -408,7 +409,7 @@ def log_replay_events(scenes: Scenes) -> dict:
     log_only = dataclasses.replace(scenes, controlled=torch.zeros_like(scenes.controlled))
     env = MultiAgentEnv(log_only, EnvConfig(mode="continuous"))
     env.reset()
-    no_action = torch.zeros(env.B, env.A, 2, device=env.device)               # [B, A, 2] ignored: nobody is controlled
+    no_action = torch.zeros(env.B, env.A, 2, device=env.device)      # [B, A, 2] ignored: nobody is controlled
     coll, off = [], []
     for t in range(NOW, T - 1):
         _, _, info = env.step(no_action)
@@ -434,9 +435,9 @@ def human_driver_spread(scenes: Scenes, R: int, seed: int) -> dict:
     offroad_rate (fraction of (rollout, scored agent) pairs with any event), min_ade and
     realism_meta; plus `spread`, the mean over scored agents of the mean distance between two
     rollouts' final positions (step 90)."""
-    pos, z, yaw = human_driver_rollout(scenes, R, seed=seed)                   # [B, R, A, 80, 2], [B, R, A, 80] x2
+    pos, z, yaw = human_driver_rollout(scenes, R, seed=seed)              # [B, R, A, 80, 2], [B, R, A, 80] x2
     per_scene = [score_rollouts(scenes.select([b]), pos[b:b + 1], z[b:b + 1], yaw[b:b + 1])
-                 for b in range(scenes.B)]                                     # one scene at a time: bounded memory
+                 for b in range(scenes.B)]                               # one scene at a time: bounded memory
     out = dataset_means({k: torch.cat([p[k] for p in per_scene]) for k in per_scene[0]})
     final = pos[:, :, :, -1].transpose(1, 2)                                   # [B, A, R, 2] step 90
     pair = torch.cdist(final, final)                                           # [B, A, R, R]
@@ -451,7 +452,8 @@ def env_report(argv=None) -> None:
     """Print the env's sanity numbers as markdown: (a) log replay through the env, its event
     flags against the metric's on the same logs; (b) the human driver re-run closed loop."""
     p = argparse.ArgumentParser(description="The env's sanity report: log replay events and human-driver "
-                                "rollouts through the env (the results table is `python train.py --stage eval`)")
+                                "rollouts through the env (the results table is "
+                                "`python train.py --stage eval`)")
     p.add_argument("--env-report", action="store_true", required=True, help="print the env's sanity report")
     p.add_argument("--toy", type=int, default=16, help="toy scenes")
     p.add_argument("--R", type=int, default=8, help="human-driver rollouts per toy scene")
@@ -492,7 +494,8 @@ def env_report(argv=None) -> None:
     t0 = time.perf_counter()
     h = human_driver_spread(toy, args.R, seed=args.seed + 1)
     print(f"| {toy_name} | {h['n_agents']} | {h['collision_rate']:.4f} | {h['offroad_rate']:.4f} "
-          f"| {h['spread']:.2f} | {h['min_ade']:.3f} | {h['realism_meta']:.4f} | {time.perf_counter() - t0:.1f} |")
+          f"| {h['spread']:.2f} | {h['min_ade']:.3f} | {h['realism_meta']:.4f} "
+          f"| {time.perf_counter() - t0:.1f} |")
     print("\n(a) env: the env's per-step flags with every agent replaying its log; metric: "
           "wosac_metrics.trajectory_features of the log. (b) rates and minADE as score_rollouts "
           "reports them (mean over scenes; collision / off-road: fraction of (rollout, scored agent) "

@@ -124,8 +124,10 @@ def rounded_box_distance(x, y, cos_d, sin_d, len_i, wid_i, len_j, wid_j):
     vertex = None
     for s1, s2 in ((1.0, 1.0), (1.0, -1.0), (-1.0, 1.0), (-1.0, -1.0)):
         # a corner of core j in i's frame, and a corner of core i in j's frame
-        dj = _point_to_rect(x + s1 * lj * cos_d - s2 * wj * sin_d, y + s1 * lj * sin_d + s2 * wj * cos_d, li, wi)  # [...]
-        di = _point_to_rect(xj + s1 * li * cos_d + s2 * wi * sin_d, yj - s1 * li * sin_d + s2 * wi * cos_d, lj, wj)  # [...]
+        dj = _point_to_rect(x + s1 * lj * cos_d - s2 * wj * sin_d, y + s1 * lj * sin_d + s2 * wj * cos_d,
+                            li, wi)                                       # [...]
+        di = _point_to_rect(xj + s1 * li * cos_d + s2 * wi * sin_d, yj - s1 * li * sin_d + s2 * wi * cos_d,
+                            lj, wj)                                       # [...]
         d = torch.minimum(dj, di)                                         # [...]
         vertex = d if vertex is None else torch.minimum(vertex, d)        # [...]
     return torch.where(gap > 0, vertex, gap) - r_i - r_j
@@ -241,7 +243,8 @@ def signed_distance_to_edges(points, edges: dict):
 
 
 def _box_bottom_corners(pos, z, yaw, size):
-    """The 4 bottom corners (x, y, z - h/2) of boxes: pos [..., 2], z/yaw [...], size [..., 3] -> [..., 4, 3]."""
+    """The 4 bottom corners (x, y, z - h/2) of boxes: pos [..., 2], z/yaw [...], size [..., 3]
+    -> [..., 4, 3]."""
     xy = box_corners(pos, yaw, size[..., 0], size[..., 1])                # [..., 4, 2]
     zb = (z - 0.5 * size[..., 2]).unsqueeze(-1).unsqueeze(-1).expand(*xy.shape[:-1], 1)  # [..., 4, 1]
     return torch.cat([xy, zb], dim=-1)                                    # [..., 4, 3]
@@ -258,7 +261,8 @@ def box_road_edge_distance(pos, z, yaw, size, edges: dict):
     lead = pos.dim() - 1
     at = edges["valid"].dim() - 1                                         # position of the E axis
     if at > lead:
-        raise ValueError(f"box_road_edge_distance: edges have more leading dims {tuple(edges['valid'].shape[:-1])} "
+        raise ValueError(f"box_road_edge_distance: edges have more leading dims "
+                         f"{tuple(edges['valid'].shape[:-1])} "
                          f"than pos {tuple(pos.shape[:-1])}")
     # [..., E, ...]
     e = {k: v.reshape(*v.shape[:at], *([1] * (lead - at)), *v.shape[at:]) for k, v in edges.items()}
@@ -282,7 +286,9 @@ def _segment_spheres(hull_a, hull_b, ok, chained, G: int):
     gid = torch.where(ok, gid, torch.full_like(gid, Gn - 1))              # [B, E]
     ends = torch.cat([hull_a, hull_b], dim=1)                             # [B, 2E, 3]
     gid2 = torch.cat([gid, gid], dim=1)                                   # [B, 2E]
-    count = torch.zeros(B, Gn, device=ok.device).scatter_add_(1, gid2, torch.ones_like(gid2, dtype=ends.dtype))  # [B, Gn]
+    # [B, Gn]
+    count = torch.zeros(B, Gn, device=ok.device).scatter_add_(1, gid2,
+                                                            torch.ones_like(gid2, dtype=ends.dtype))
     centre = torch.zeros(B, Gn, 3, device=ok.device)                      # [B, Gn, 3]
     centre.scatter_add_(1, gid2.unsqueeze(-1).expand(-1, -1, 3), ends)
     centre = centre / count.clamp(min=1.0).unsqueeze(-1)                  # [B, Gn, 3]

@@ -80,15 +80,15 @@ ANCHORS = ("spacer", "ppo", "hr-ppo")
 
 @dataclass
 class SpacerConfig:
-    anchor: str = "spacer"          # spacer (reference anchors) | ppo (task reward only) | hr-ppo (KL to a BC policy)
-    alpha: float = 0.0              # weight of the likelihood reward alpha * log p_ref(a_t | s_t) (spacer only)
+    anchor: str = "spacer"  # spacer (reference anchors) | ppo (task reward only) | hr-ppo (KL to a BC policy)
+    alpha: float = 0.0            # weight of the likelihood reward alpha * log p_ref(a_t | s_t) (spacer only)
     beta: float = 0.1               # weight of the exact KL(pi || p_ref) in the loss (spacer only; see above)
     beta_hr: float = 0.01           # weight of KL(pi_BC || pi) in the loss (hr-ppo only; HR-PPO's value)
     # reward (SPACeR / GPUDrive weights)
     w_goal: float = 1.0             # reward for reaching the goal, paid once
     w_coll: float = 0.75            # penalty per 0.1 s step in collision
     w_off: float = 0.75             # penalty per 0.1 s step off-road
-    goal_dropout: float = 0.2       # fraction of agents whose goal is hidden from the observation for an episode
+    goal_dropout: float = 0.2    # fraction of agents whose goal is hidden from the observation for an episode
     # PPO (SPACeR Table A3, scaled down to a tutorial budget)
     lr: float = 1e-3                # Adam learning rate, constant (paper 3e-4 over 1e9 steps)
     gamma: float = 0.99             # discount per policy step (0.2 s)
@@ -295,8 +295,8 @@ def reference_log_probs(log_p_ref, scenes: Scenes, log: dict, roll: dict, n0: in
     ctrl = roll["ctrl"].unsqueeze(-1)                                              # [B, A, 1]
     ids, valid = log["ids"].clone(), log["id_valid"].clone()                       # [B, A, N]
     ids[:, :, n0:n0 + Nf] = torch.where(ctrl, roll["actions"].permute(1, 2, 0), log["ids"][:, :, n0:n0 + Nf])
-    valid[:, :, n0:n0 + Nf] |= ctrl                                                # controlled agents live to the end
-    pose, pose_valid = log["pose"].clone(), log["pose_valid"].clone()              # [B, A, N + 1, 3], [B, A, N + 1]
+    valid[:, :, n0:n0 + Nf] |= ctrl                                        # controlled agents live to the end
+    pose, pose_valid = log["pose"].clone(), log["pose_valid"].clone()        # [B, A, N + 1, 3], [B, A, N + 1]
     pose[:, :, n0 + 1:] = torch.where(ctrl.unsqueeze(-1), roll["pose"][:, :, n0 + 1:], pose[:, :, n0 + 1:])
     pose_valid[:, :, n0 + 1:] |= ctrl
     logp = log_p_ref(scenes, ids, valid, pose, pose_valid)                         # [B, A, N, K]

@@ -83,8 +83,9 @@ def map_tokens(scenes: Scenes, length: float) -> dict:
 
     WOMD polylines come as ~0.5 m segments (toy ones as <= 2 m). A segment belongs to piece
     floor(s / length), s the arc length at its start along its polyline; a piece keeps the chord
-    from its first segment's start to its last segment's end. Segments of a polyline are contiguous and in order (scenes.py), so
-    running arc lengths and piece ids come from cumulative sums, with no loop over polylines.
+    from its first segment's start to its last segment's end. Segments of a polyline are contiguous and in
+    order (scenes.py), so running arc lengths and piece ids come from cumulative sums, with no loop over
+    polylines.
     Returns pose [B, M, 3] (chord midpoint, chord heading), length [B, M], type [B, M], valid [B, M].
     """
     ok = scenes.seg_valid                                                    # [B, S]
@@ -93,23 +94,26 @@ def map_tokens(scenes: Scenes, length: float) -> dict:
     seg_len = (b - a).norm(dim=-1) * ok                                      # [B, S]
     poly = torch.where(ok, scenes.seg_poly, torch.full_like(scenes.seg_poly, -1))  # [B, S]
     first = ok & (poly != F.pad(poly, (1, 0), value=-2)[:, :-1])            # [B, S] a polyline starts here
-    before = seg_len.cumsum(-1) - seg_len                                    # [B, S] arc length before each segment
+    before = seg_len.cumsum(-1) - seg_len                              # [B, S] arc length before each segment
     poly_start = torch.where(first, before, torch.zeros_like(before)).cummax(-1).values  # [B, S]
-    piece = ((before - poly_start) / length).floor().long()                 # [B, S] piece index within its polyline
+    piece = ((before - poly_start) / length).floor().long()           # [B, S] piece index within its polyline
     new = ok & (first | (piece != F.pad(piece, (1, 0), value=-1)[:, :-1]))  # [B, S] a map token starts here
     tid = new.long().cumsum(-1) - 1                                          # [B, S]
     M = max(int(tid.max()) + 1 if S else 1, 1)
-    tid = torch.where(ok, tid.clamp(min=0), torch.full_like(tid, M))         # [B, S] padding goes to a dump slot M
+    tid = torch.where(ok, tid.clamp(min=0), torch.full_like(tid, M))    # [B, S] padding goes to a dump slot M
     idx = torch.arange(S, device=ok.device).expand(B, S)                     # [B, S]
-    first_seg = torch.full((B, M + 1), S, device=ok.device).scatter_reduce(1, tid, idx, "amin")[:, :M]  # [B, M]
-    last_seg = torch.full((B, M + 1), -1, device=ok.device).scatter_reduce(1, tid, idx, "amax")[:, :M]  # [B, M]
+    first_seg = torch.full((B, M + 1), S, device=ok.device).scatter_reduce(1, tid, idx, "amin")[:, :M]
+                                                                             # [B, M]
+    last_seg = torch.full((B, M + 1), -1, device=ok.device).scatter_reduce(1, tid, idx, "amax")[:, :M]
+                                                                             # [B, M]
     valid = last_seg >= 0                                                    # [B, M]
     p0 = a.gather(1, first_seg.clamp(0, max(S - 1, 0))[..., None].expand(B, M, 2))  # [B, M, 2]
     p1 = b.gather(1, last_seg.clamp(0, max(S - 1, 0))[..., None].expand(B, M, 2))   # [B, M, 2]
     chord = p1 - p0                                                          # [B, M, 2]
     pose = torch.cat([0.5 * (p0 + p1), torch.atan2(chord[..., 1], chord[..., 0])[..., None]], -1)  # [B, M, 3]
     kind = scenes.seg_type.gather(1, first_seg.clamp(0, max(S - 1, 0)))      # [B, M]
-    return dict(pose=pose * valid[..., None], length=chord.norm(dim=-1) * valid, type=kind * valid, valid=valid)
+    return dict(pose=pose * valid[..., None], length=chord.norm(dim=-1) * valid, type=kind * valid,
+                valid=valid)
 
 
 def relative_pose(recv: torch.Tensor, send: torch.Tensor) -> tuple:
@@ -196,9 +200,9 @@ class AttentionBlock(nn.Module):
         k = (k + r).reshape(-1, C, H, dh).transpose(1, 2)                    # [X, H, C, dh]
         v = (v + r).reshape(-1, C, H, dh).transpose(1, 2)                    # [X, H, C, dh]
         seen = mask.any(-1, keepdim=True)                                    # [..., 1]
-        mask = mask | ~seen & (torch.arange(C, device=mask.device) == 0)     # never a row with nothing visible
+        mask = mask | ~seen & (torch.arange(C, device=mask.device) == 0)    # never a row with nothing visible
         msg = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.reshape(-1, 1, 1, C))  # [X, H, 1, dh]
-        msg = msg.reshape(x.shape) * seen                                    # [..., D] zero when nothing is visible
+        msg = msg.reshape(x.shape) * seen                              # [..., D] zero when nothing is visible
         x = x + self.drop(self.out(msg))
         return x + self.drop(self.ff(self.norm_ff(x)))
 
@@ -216,7 +220,8 @@ class ReferenceModel(nn.Module):
             raise ValueError(f"ReferenceModel: token table shape {tuple(table.shape)} does not match "
                              f"ReferenceConfig K={cfg.K}, steps_per_token={cfg.steps_per_token}")
         if cfg.window < 2:
-            raise ValueError(f"ReferenceConfig: window={cfg.window} must be at least 2 (the current step and one before)")
+            raise ValueError(f"ReferenceConfig: window={cfg.window} must be at least 2 "
+                             "(the current step and one before)")
         if cfg.D % cfg.heads:
             raise ValueError(f"ReferenceConfig: D={cfg.D} must be a multiple of heads={cfg.heads}")
         self.cfg = cfg
@@ -240,7 +245,8 @@ class ReferenceModel(nn.Module):
                                     for _ in range(cfg.layers))
         # output: a shared trunk, then one K-way linear layer per agent type
         self.head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D), nn.ReLU())
-        self.head_w = nn.Parameter(torch.empty(3, cfg.K, D).uniform_(-D ** -0.5, D ** -0.5))  # [3, K, D] as nn.Linear
+        # [3, K, D] as nn.Linear
+        self.head_w = nn.Parameter(torch.empty(3, cfg.K, D).uniform_(-D ** -0.5, D ** -0.5))
         self.head_b = nn.Parameter(torch.zeros(3, cfg.K))                      # [3, K]
 
     @property
@@ -253,7 +259,8 @@ class ReferenceModel(nn.Module):
         kind = scenes.agent_type[..., None].expand_as(prev_ids)                # [B, A, N']
         local = self.table[kind, prev_ids]                                     # [B, A, N', spt, 3]
         spt = local.shape[-2]
-        f = torch.cat([local[..., :2] / spt, local[..., 2:].cos(), local[..., 2:].sin()], -1)  # [B, A, N', spt, 4]
+        f = torch.cat([local[..., :2] / spt, local[..., 2:].cos(), local[..., 2:].sin()], -1)
+                                                                               # [B, A, N', spt, 4]
         m = torch.where(prev_valid[..., None], self.motion(f.flatten(-2)), self.no_motion)   # [B, A, N', D]
         size = scenes.size[..., :2] / torch.tensor([5.0, 2.0], device=scenes.size.device)    # [B, A, 2]
         return m + (self.type_emb(scenes.agent_type) + self.size_emb(size))[:, :, None]     # [B, A, N', D]
@@ -290,16 +297,19 @@ class ReferenceModel(nn.Module):
         valid_all = torch.cat([past["valid"], valid], 2)                       # [B, A, W-1+N']
         send_t = pose_all.unfold(2, W, 1).transpose(-1, -2)                   # [B, A, N', W, 3]
         ok_t = valid_all.unfold(2, W, 1)                                      # [B, A, N', W]
-        gap = torch.eye(W, device=dev).flip(0).expand(B, A, Nn, W, W)          # [B, A, N', W, W] one-hot of W-1-w
-        f_t = torch.cat([pose_features(pose[..., None, :], send_t, cfg.harmonics), gap], -1)  # [B, A, N', W, F]
+        gap = torch.eye(W, device=dev).flip(0).expand(B, A, Nn, W, W)      # [B, A, N', W, W] one-hot of W-1-w
+        f_t = torch.cat([pose_features(pose[..., None, :], send_t, cfg.harmonics), gap], -1)
+                                                                               # [B, A, N', W, F]
         r_t = self.rel_time(f_t)                                               # [B, A, N', W, D]
 
         # map -> agent edges: nearest map tokens
         idx_m, ok_m = nearest(pose[..., :2].reshape(B, A * Nn, 2), ctx["map_pose"][..., :2], ctx["map_valid"],
                               cfg.map_neighbours, cfg.map_radius)             # [B, A*N', C] each
         idx_m, ok_m = idx_m.view(B, A, Nn, -1), ok_m.view(B, A, Nn, -1) & valid[..., None]  # [B, A, N', C]
-        flat_m = (idx_m + (bi * ctx["map_pose"].shape[1]).view(B, 1, 1, 1)).flatten()  # [B*A*N'*C] rows of [B*M]
-        gather_m = lambda z: z.flatten(0, 1).index_select(0, flat_m).view(*idx_m.shape, -1)  # [B, M, F] -> [B, A, N', C, F]
+        # [B*A*N'*C] rows of [B*M]
+        flat_m = (idx_m + (bi * ctx["map_pose"].shape[1]).view(B, 1, 1, 1)).flatten()
+        # [B, M, F] -> [B, A, N', C, F]
+        gather_m = lambda z: z.flatten(0, 1).index_select(0, flat_m).view(*idx_m.shape, -1)
         send_m = gather_m(ctx["map_pose"])                                     # [B, A, N', C, 3]
         r_m = self.rel_map(pose_features(pose[..., None, :], send_m, cfg.harmonics))  # [B, A, N', C, D]
 
@@ -311,14 +321,17 @@ class ReferenceModel(nn.Module):
         d = d.masked_fill(eye | ~valid_n[:, :, None, :], float("inf"))
         dist_a, idx_a = d.topk(min(cfg.agent_neighbours, A), dim=-1, largest=False)  # [B, N', A, C]
         ok_a = (dist_a <= cfg.agent_radius) & valid_n[..., None]               # [B, N', A, C]
-        flat_a = (idx_a + A * torch.arange(B * Nn, device=dev).view(B, Nn, 1, 1)).flatten()  # rows of [B*N'*A]
-        gather_a = lambda z: z.flatten(0, 2).index_select(0, flat_a).view(*idx_a.shape, -1)  # [B, N', A, F] -> [B, N', A, C, F]
+        # rows of [B*N'*A]
+        flat_a = (idx_a + A * torch.arange(B * Nn, device=dev).view(B, Nn, 1, 1)).flatten()
+        # [B, N', A, F] -> [B, N', A, C, F]
+        gather_a = lambda z: z.flatten(0, 2).index_select(0, flat_a).view(*idx_a.shape, -1)
         send_a = gather_a(pose_n)                                              # [B, N', A, C, 3]
         r_a = self.rel_agent(pose_features(pose_n[..., None, :], send_a, cfg.harmonics))  # [B, N', A, C, D]
 
         new_kv = []
-        window = lambda z: z.unfold(2, W, 1).transpose(-1, -2)                 # [B, A, W-1+N', D] -> [B, A, N', W, D]
-        for (temporal, to_map, to_agent), (map_k, map_v), (past_k, past_v) in zip(self.blocks, ctx["map_kv"], past["kv"]):
+        window = lambda z: z.unfold(2, W, 1).transpose(-1, -2)         # [B, A, W-1+N', D] -> [B, A, N', W, D]
+        for (temporal, to_map, to_agent), (map_k, map_v), (past_k, past_v) in zip(self.blocks, ctx["map_kv"],
+                                                                                  past["kv"]):
             k, v = temporal.keys_values(x)                                     # [B, A, N', D] each
             k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)        # [B, A, W-1+N', D] each
             new_kv.append((k[:, :, -(W - 1):], v[:, :, -(W - 1):]))
@@ -435,7 +448,8 @@ def sample_top_k(logits, top_k: int, temperature: float, generator=None):
     """Sample from the top-k tokens after a temperature: logits [..., K] -> ids [...]."""
     val, idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1)             # [..., k]
     p = (val / max(temperature, 1e-6)).softmax(-1)                             # [..., k]
-    pick = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator).view(p.shape[:-1] + (1,))  # [..., 1]
+    pick = torch.multinomial(p.reshape(-1, p.shape[-1]), 1,
+                             generator=generator).view(p.shape[:-1] + (1,))  # [..., 1]
     return idx.gather(-1, pick).squeeze(-1)
 
 
@@ -469,7 +483,7 @@ def closed_loop(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, top
     N, n0, spt = tok.N, tok.n0, tok.steps_per_token
     enc = tok.encode(scenes) if enc is None else enc
     ids, id_valid = enc["ids"].clone(), enc["id_valid"].clone()               # [B, A, N]
-    pose, pose_valid = enc["pose"].clone(), enc["pose_valid"].clone()         # [B, A, N + 1, 3], [B, A, N + 1]
+    pose, pose_valid = enc["pose"].clone(), enc["pose_valid"].clone()        # [B, A, N + 1, 3], [B, A, N + 1]
     B, A = ids.shape[:2]
     kind = scenes.agent_type                                                   # [B, A]
     ctrl = scenes.controlled & pose_valid[:, :, n0]                            # [B, A]
@@ -486,7 +500,8 @@ def closed_loop(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, top
     past = model.empty_past(B, A, ids.device)
     prev_ids = F.pad(ids[..., :n0 - 1], (1, 0))                                # [B, A, n0]
     prev_valid = F.pad(id_valid[..., :n0 - 1], (1, 0))                         # [B, A, n0]
-    hist_logits, past = model.step(ctx, scenes, prev_ids, prev_valid, pose[:, :, :n0], pose_valid[:, :, :n0], past)
+    hist_logits, past = model.step(ctx, scenes, prev_ids, prev_valid, pose[:, :, :n0], pose_valid[:, :, :n0],
+                                   past)
     if return_logits:
         all_logits[:, :, :n0] = hist_logits
     steps = []
@@ -509,7 +524,8 @@ def closed_loop(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, top
     traj = torch.cat(steps, 2)                                                 # [B, A, 80, 3]
     logged = torch.cat([scenes.pos, scenes.yaw[..., None]], -1)[:, :, NOW + 1:]  # [B, A, 80, 3]
     traj = torch.where(ctrl[:, :, None, None], traj, logged)   # others replay the log, as in env.py
-    out = dict(tokens=dict(ids=ids, id_valid=id_valid, pose=pose, pose_valid=pose_valid), traj=traj, controlled=ctrl)
+    out = dict(tokens=dict(ids=ids, id_valid=id_valid, pose=pose, pose_valid=pose_valid), traj=traj,
+               controlled=ctrl)
     if catk:
         out.update(targets=targets, target_valid=target_valid)
     if return_logits:
@@ -559,7 +575,8 @@ def catk_loss(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, top_k
 # --------------------------------------------------------------------------------------------
 def save_checkpoint(path, model: ReferenceModel, tok: MotionTokenizer, **extra) -> None:
     """Model, its config and tokenizer, plus `extra` (optimizer, epoch, ...), saved atomically."""
-    save_atomic(dict(model=model.state_dict(), model_cfg=asdict(model.cfg), tokenizer=tok.state_dict(), **extra), path)
+    save_atomic(dict(model=model.state_dict(), model_cfg=asdict(model.cfg), tokenizer=tok.state_dict(),
+                     **extra), path)
 
 
 def load_reference(path, device="cpu") -> tuple:

@@ -85,7 +85,8 @@ def _numbers(items: list, where: str, keys: tuple = (), n: int | None = None) ->
                     raise _FieldError(f"{where}[{t}]", f"expected an object with keys {list(keys)}")
                 v = p if k is None else p.get(k)
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise _FieldError(f"{where}[{t}]" + (f".{k}" if k else ""), f"expected a number, got {v!r:.40}")
+                    raise _FieldError(f"{where}[{t}]" + (f".{k}" if k else ""),
+                                      f"expected a number, got {v!r:.40}")
         raise _FieldError(where, "could not read as numbers")
     arr = arr.astype(np.float64).reshape(shape)                    # [P, len(keys)] or [P]
     with np.errstate(over="ignore"):
@@ -129,9 +130,11 @@ def _womd_agents(objects: list) -> tuple:
         if typ not in _WOMD_AGENT_TYPES:
             raise _FieldError(where + ".type", f"unknown agent type {typ!r}; expected one of "
                               f"{list(_WOMD_AGENT_TYPES) + list(_WOMD_DROPPED_TYPES)}")
-        xyz.append(_numbers(_get(o, "position", (list,), where), where + ".position", ("x", "y", "z"), T))  # [T, 3]
+        # [T, 3]
+        xyz.append(_numbers(_get(o, "position", (list,), where), where + ".position", ("x", "y", "z"), T))
         head.append(_numbers(_get(o, "heading", (list,), where), where + ".heading", (), T))  # [T]
-        vel.append(_numbers(_get(o, "velocity", (list,), where), where + ".velocity", ("x", "y"), T))  # [T, 2]
+        # [T, 2]
+        vel.append(_numbers(_get(o, "velocity", (list,), where), where + ".velocity", ("x", "y"), T))
         valid.append(_bools(_get(o, "valid", (list,), where), where + ".valid", T))  # [T]
         size.append([_get(o, k, (int, float), where) for k in ("length", "width", "height")])
         kind.append(_WOMD_AGENT_TYPES[typ])
@@ -166,7 +169,8 @@ def _womd_map(roads: list, origin: np.ndarray) -> tuple:
         where = f"roads[{j}]"
         typ = _get(r, "type", (str,), where)
         if typ not in _WOMD_ROAD_TYPES:
-            raise _FieldError(where + ".type", f"unknown road type {typ!r}; expected one of {list(_WOMD_ROAD_TYPES)}")
+            raise _FieldError(where + ".type",
+                              f"unknown road type {typ!r}; expected one of {list(_WOMD_ROAD_TYPES)}")
         p = _numbers(_get(r, "geometry", (list,), where), where + ".geometry", ("x", "y", "z"))  # [P, 3]
         code = _get(r, "map_element_id", (int,), where)
         road_id = _get(r, "id", (int,), where)
@@ -199,7 +203,8 @@ def _womd_lights(tl_states: dict, lane_poly: dict, origin: np.ndarray) -> dict:
             raise _FieldError(where + ".time_index", f"expected integers in 0..{T - 1}")
         for t, name in enumerate(names):
             if name not in _TL_INDEX:
-                raise _FieldError(f"{where}.state[{t}]", f"unknown signal state {name!r}; expected one of {list(TL_STATES)}")
+                raise _FieldError(f"{where}.state[{t}]",
+                                  f"unknown signal state {name!r}; expected one of {list(TL_STATES)}")
         if int(key) not in lane_poly:
             continue
         t_idx = t_idx.astype(np.int64)                             # [n]
@@ -287,7 +292,8 @@ def load_womd_json(path, max_agents: int | None = None) -> Scenes:
     """One GPUDrive-format WOMD scene (B = 1), centred (see the notes above). `max_agents` keeps at
     most that many agents (scored, then controlled, then others, nearest to the SDC first).
     A malformed file raises ValueError naming the file and the field."""
-    if max_agents is not None and (isinstance(max_agents, bool) or not isinstance(max_agents, int) or max_agents < 1):
+    if max_agents is not None and (isinstance(max_agents, bool) or not isinstance(max_agents, int)
+                                   or max_agents < 1):
         raise ValueError(f"max_agents must be a positive int or None, got {max_agents!r}")
     path = Path(path)
     try:

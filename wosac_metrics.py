@@ -181,8 +181,9 @@ def _interaction_features(pos, yaw, valid, size, speed, slots):
         lat_off = 0.5 * Lj * as_ + 0.5 * Wj * ac                         # [Np, Nc]
         lon = x - 0.5 * Li - long_off                                     # [Np, Nc] ahead of ego's front
         lat = y.abs() - 0.5 * Wi - lat_off                                # [Np, Nc] < 0: overlap
+        # ego validity unused
         ahead = (Vj & (lon > 0) & (yaw_diff <= MAX_HEADING_DIFF) & (lat < 0)  # [Np, Nc]
-                 & ((lat < -SMALL_OVERLAP) | (yaw_diff <= MAX_HEADING_DIFF_SMALL_OVERLAP)))  # ego validity unused
+                 & ((lat < -SMALL_OVERLAP) | (yaw_diff <= MAX_HEADING_DIFF_SMALL_OVERLAP)))
         masked = torch.where(ahead, lon, math.inf)                        # [Np, Nc]
         # [B M, Nc]
         gap = torch.full((B * M, Nc), math.inf, device=dev).scatter_reduce_(0, rows, masked, "amin")
@@ -378,7 +379,8 @@ def histogram_log_likelihood(log_values, sim_values, lo: float, hi: float, K: in
 
 
 def bernoulli_log_likelihood(log_flags, sim_flags, pseudocount: float = BERNOULLI_PSEUDOCOUNT):
-    """log p of the log's flag under a 2-bin histogram of the R sim flags. log [B, M], sim [B, R, M] -> [B, M]."""
+    """log p of the log's flag under a 2-bin histogram of the R sim flags.
+    log [B, M], sim [B, R, M] -> [B, M]."""
     R = sim_flags.shape[1]
     ones = sim_flags.float().sum(1)                                       # [B, M]
     p1 = (ones + pseudocount) / (R + 2 * pseudocount)                     # [B, M]
@@ -401,7 +403,8 @@ def log_as_rollouts(scenes, R: int = 1):
     steps = torch.arange(T, device=scenes.pos.device)                     # [T]
     last = torch.where(scenes.valid, steps, torch.zeros_like(steps)).cummax(dim=-1).values  # [B, A, T]
     last = last[..., NOW + 1:]                                            # [B, A, 80]
-    hold = lambda x: x.gather(2, last.view(*last.shape, *([1] * (x.dim() - 3))).expand(*last.shape, *x.shape[3:]))
+    hold = lambda x: x.gather(2, last.view(*last.shape, *([1] * (x.dim() - 3)))
+                              .expand(*last.shape, *x.shape[3:]))
     rep = lambda x: hold(x)[:, None].expand(-1, R, *([-1] * (x.dim() - 1))).clone()  # [B, R, A, 80, ...]
     return rep(scenes.pos), rep(scenes.z), rep(scenes.yaw)
 
@@ -418,7 +421,8 @@ def score_rollouts(scenes, sim_pos, sim_z, sim_yaw, version: str = "2025") -> di
     table = road_edge_table(scenes)
     no_edges = ~table["valid"].any(1) if table["valid"].shape[1] else torch.ones(scenes.B, dtype=torch.bool)
     if bool(no_edges.any()):
-        ids = [scenes.scene_id[i] if i < len(scenes.scene_id) else str(i) for i in no_edges.nonzero()[:, 0].tolist()]
+        ids = [scenes.scene_id[i] if i < len(scenes.scene_id) else str(i)
+               for i in no_edges.nonzero()[:, 0].tolist()]
         raise ValueError(f"score_rollouts: scene(s) {ids} have no road edges (the official metric raises "
                          "'Missing road edges.')")
     bins, weights = CONFIGS[version]
@@ -454,7 +458,8 @@ def score_rollouts(scenes, sim_pos, sim_z, sim_yaw, version: str = "2025") -> di
         out[name] = torch.exp(_masked_mean(ll, mask))                     # [B]
     indications = {"collision_indication": ("collision_per_step", valid),
                    "offroad_indication": ("offroad_per_step", valid),
-                   "traffic_light_violation": ("traffic_light_violation_per_step", valid & vehicle[..., None])}
+                   "traffic_light_violation": ("traffic_light_violation_per_step",
+                                               valid & vehicle[..., None])}
     sim_any = {}
     for name, (flag, mask) in indications.items():                        # any over time, Bernoulli
         log_any = (f_log[flag][:, 0] & mask).any(-1)                      # [B, M]

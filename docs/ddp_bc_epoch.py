@@ -10,12 +10,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import distributed as D, reference_model as RM, train
+import distributed as D
+import reference_model as RM
+import train
 from runs import Run
 from tokenizer import MotionTokenizer, TokenizerConfig
 from toy_scenes import toy_splits
 D.setup("cpu")
-cfg = replace(train.ReferenceStageConfig(), n_train=64, n_val=8, n_test=4, K=64, cache_dir="/tmp/ddp_bc_epoch/data")
+cfg = replace(train.ReferenceStageConfig(), n_train=64, n_val=8, n_test=4, K=64,
+              cache_dir="/tmp/ddp_bc_epoch/data")
 with D.writer_first():
     data = toy_splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed, cfg.cache_dir)
 tok = MotionTokenizer.fit(data["train"], TokenizerConfig(K=cfg.K, steps_per_token=2, seed=0))
@@ -27,5 +30,6 @@ run = Run("bench", Path("/tmp/ddp_bc_epoch/run"), {}, resumed=False, writer=D.is
 train.save_reference = lambda *a, **k: None        # time the epoch, not the checkpoint
 train.train_phase("bc", model, tok, opt, data, enc, cfg, torch.device("cpu"), 0, 1, cfg.lr, run)
 if D.is_writer():
-    print("RESULT train_s", round(run.log["bc"][0]["train_s"], 2), "world", D.world_size(), "threads", torch.get_num_threads())
+    print("RESULT train_s", round(run.log["bc"][0]["train_s"], 2), "world", D.world_size(),
+          "threads", torch.get_num_threads())
 D.cleanup()

@@ -14,7 +14,7 @@ def straight_road_scene(agents_xyv, yaw=None, controlled=None, length=4.5, width
     """A 200 m straight road, y in [-6, 6], edges oriented with the road on their left.
     agents_xyv: list of (x, y, vx) at step 0, driving at constant velocity in the log."""
     xs = np.linspace(-100, 100, 101)
-    lower = np.stack([xs, np.full_like(xs, -6.0), np.zeros_like(xs)], 1)          # walking +x: road (+y) on the left
+    lower = np.stack([xs, np.full_like(xs, -6.0), np.zeros_like(xs)], 1)   # walking +x: road (+y) on the left
     upper = np.stack([xs[::-1], np.full_like(xs, 6.0), np.zeros_like(xs)], 1)     # walking -x: road (-y) on the left
     lane = np.stack([xs, np.full_like(xs, -1.75), np.zeros_like(xs)], 1)
     seg = polylines_to_segments([lower, upper, lane], [ROAD_EDGE, ROAD_EDGE, LANE], [15, 15, 2])

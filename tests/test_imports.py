@@ -1,5 +1,6 @@
 """The house layout, checked: project imports run one way (no cycle), all sit at the top of their
-file, and no file is over 600 lines. Imports are read with `ast`, top level and inside functions."""
+file, a module imported whole has the same alias everywhere, and no file is over 600 lines. Imports
+are read with `ast`, top level and inside functions."""
 import ast
 from pathlib import Path
 
@@ -8,6 +9,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {p.stem: p for p in sorted(ROOT.glob("*.py"))}
 MAX_LINES = 600
+# The one alias of each project module imported whole (`import reference_model as RM`); a project
+# module not listed here is imported whole without an alias (`import train`).
+ALIASES = {"reference_model": "RM", "ppo_anchor": "PA", "r1_finetune": "R1", "scenes": "S", "evaluate": "E",
+           "distributed": "D", "wosac_metrics": "wm"}
 # train.py is being rewritten on another branch (issue 12); remove this entry when it lands
 PENDING_LENGTH = set()
 
@@ -18,7 +23,8 @@ def project_imports(path: Path) -> list:
 
     def visit(node, nested):
         for child in ast.iter_child_nodes(node):
-            inner = nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
+            inner = nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+                                                 ast.Lambda))
             if isinstance(child, ast.Import):
                 out.extend((a.name.split(".")[0], child.lineno, nested) for a in child.names)
             elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
@@ -87,6 +93,26 @@ def test_declared_direction():
     for concept in ("scenes", "geometry", "womd", "toy_scenes", "human_driver", "env", "tokenizer",
                     "reference_model", "ppo_anchor", "r1_finetune", "wosac_metrics"):
         assert not {"evaluate", "train", "bench"} & set(g[concept]), concept
+
+
+def whole_imports(path: Path) -> list:
+    """(module, alias or None, line) for every `import x [as y]` of a project module."""
+    return [(a.name, a.asname, node.lineno) for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.Import) for a in node.names if a.name in MODULES]
+
+
+def test_alias_finder(tmp_path):
+    p = tmp_path / "m.py"
+    p.write_text("import math\nimport scenes as sc, train\n\ndef f():\n    import evaluate as E\n")
+    assert whole_imports(p) == [("scenes", "sc", 2), ("train", None, 2), ("evaluate", "E", 5)]
+
+
+def test_one_alias_per_module():
+    """Every file (modules, tests, docs scripts) calls a project module by the same name."""
+    files = sorted(ROOT.glob("*.py")) + sorted(ROOT.glob("tests/*.py")) + sorted(ROOT.glob("docs/*.py"))
+    wrong = [f"{p.relative_to(ROOT)}:{line} imports {m} as {alias}, want {ALIASES.get(m)}"
+             for p in files for m, alias, line in whole_imports(p) if alias != ALIASES.get(m)]
+    assert not wrong, wrong
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

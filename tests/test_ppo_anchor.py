@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import ppo_anchor as pa
+import ppo_anchor as PA
 import reference_model as RM
 from env import EGO_DIM, PARTNER_DIM, ROAD_DIM
 from scenes import NOW, save_atomic
@@ -38,14 +38,14 @@ def test_exact_kl_equals_brute_force_sum():
     torch.manual_seed(0)
     logp = torch.randn(3, 5).log_softmax(-1)
     logq = torch.randn(3, 5).log_softmax(-1)
-    got = pa.exact_kl(logp, logq)
+    got = PA.exact_kl(logp, logq)
     for i in range(3):
         brute = 0.0
         for a in range(5):
             p, q = math.exp(logp[i, a]), math.exp(logq[i, a])
             brute += p * math.log(p / q)
         assert got[i].item() == pytest.approx(brute, rel=1e-5, abs=1e-6)
-    assert pa.exact_kl(logp, logp).abs().max().item() < 1e-6  # KL(p || p) = 0
+    assert PA.exact_kl(logp, logp).abs().max().item() < 1e-6  # KL(p || p) = 0
     assert (got > 0).all()
 
 
@@ -59,24 +59,24 @@ def test_gae_matches_hand_computation():
     a2 = d2
     a1 = d1 + gamma * lam * a2
     a0 = d0 + gamma * lam * a1
-    adv, ret = pa.gae(r, v, gamma, lam)
+    adv, ret = PA.gae(r, v, gamma, lam)
     assert torch.allclose(adv[:, 0], torch.tensor([a0, a1, a2]))
     assert torch.allclose(ret, adv + v)
     # lambda = 1 gives discounted Monte-Carlo returns
-    _, ret1 = pa.gae(r, v, gamma, 1.0)
+    _, ret1 = PA.gae(r, v, gamma, 1.0)
     assert torch.allclose(ret1[:, 0], torch.tensor([1 + gamma**2 * 2, gamma * 2, 2.0]))
 
 
 def test_policy_size_heads_and_init():
-    one = pa.LateFusionPolicy(200, hidden=128, type_heads=False)
+    one = PA.LateFusionPolicy(200, hidden=128, type_heads=False)
     emb = lambda d: d * 64 + 64 + 2 * 64 + 64 * 64 + 64              # Linear, LayerNorm, Linear
     encoders = emb(EGO_DIM) + emb(PARTNER_DIM) + emb(ROAD_DIM)
-    assert pa.count_parameters(one) == encoders + 192 * 128 + 128 + 128 * 200 + 200 + 129
+    assert PA.count_parameters(one) == encoders + 192 * 128 + 128 + 128 * 200 + 200 + 129
     # the default: 64 hidden units and one head per agent type, about the paper's 65k
-    default = pa.count_parameters(pa.LateFusionPolicy(200))
+    default = PA.count_parameters(PA.LateFusionPolicy(200))
     assert default == encoders + 192 * 64 + 64 + 3 * (64 * 200 + 200) + 65
     assert 60_000 < default < 70_000
-    multi = pa.LateFusionPolicy(K, type_heads=True)
+    multi = PA.LateFusionPolicy(K, type_heads=True)
     obs = dict(ego=torch.randn(2, 4, EGO_DIM), partners=torch.randn(2, 4, 3, PARTNER_DIM),
                partner_mask=torch.rand(2, 4, 3) > 0.3, road=torch.randn(2, 4, 5, ROAD_DIM),
                road_mask=torch.rand(2, 4, 5) > 0.3)
@@ -100,7 +100,7 @@ def test_top_k_sampling_stays_in_top_k():
     torch.manual_seed(0)
     logits = torch.randn(50, K)
     top = logits.topk(3, -1).indices
-    ids = torch.stack([pa.sample_tokens(logits, top_k=3) for _ in range(20)])  # [20, 50]
+    ids = torch.stack([PA.sample_tokens(logits, top_k=3) for _ in range(20)])  # [20, 50]
     assert (ids.unsqueeze(-1) == top.unsqueeze(0)).any(-1).all()
 
 
@@ -110,11 +110,11 @@ def test_anchored_reward_scores_the_executed_token(world):
     and what was executed is what the simulator moved the agent along."""
     scenes, tok, enc = world
     n0, A = tok.n0, scenes.A
-    cfg = pa.SpacerConfig(goal_dropout=0.0)
+    cfg = PA.SpacerConfig(goal_dropout=0.0)
     torch.manual_seed(1)
-    policy = pa.LateFusionPolicy(K)
-    env = pa.make_env(scenes, tok.table, cfg)
-    roll = pa.collect_rollout(policy, env, torch.ones(scenes.B, A, dtype=torch.bool))
+    policy = PA.LateFusionPolicy(K)
+    env = PA.make_env(scenes, tok.table, cfg)
+    roll = PA.collect_rollout(policy, env, torch.ones(scenes.B, A, dtype=torch.bool))
     seen = {}
 
     def log_p_ref(sc, ids, valid, pose, pose_valid):  # stand-in: log 0 on the logged token, -10 elsewhere
@@ -122,7 +122,7 @@ def test_anchored_reward_scores_the_executed_token(world):
         lp = torch.full(ids.shape + (K,), -10.0)
         return lp.scatter(-1, enc["ids"].unsqueeze(-1), 0.0)
 
-    lp = pa.reference_log_probs(log_p_ref, scenes, enc, roll, n0)
+    lp = PA.reference_log_probs(log_p_ref, scenes, enc, roll, n0)
     Nf = roll["actions"].shape[0]
     assert lp.shape == (Nf, scenes.B, A, K)
     # the reference saw the history, the executed tokens of controlled agents, the log of the others
@@ -133,7 +133,7 @@ def test_anchored_reward_scores_the_executed_token(world):
     # the boundary poses handed over are those the reference itself derives from these tokens
     pose, pose_valid = RM.poses_from_ids(tok, scenes, seen["ids"], seen["valid"])
     assert torch.allclose(seen["pose"][pose_valid], pose[pose_valid], atol=1e-3)
-    r, logp_exec = pa.anchored_reward(roll["r_task"], lp, roll["actions"], alpha=0.5)
+    r, logp_exec = PA.anchored_reward(roll["r_task"], lp, roll["actions"], alpha=0.5)
     executed_is_log = roll["actions"] == enc["ids"][:, :, n0:n0 + Nf].permute(2, 0, 1)  # [N, B, A]
     m = ctrl.expand_as(executed_is_log)
     assert bool((~executed_is_log & m).any())  # the case where it matters occurs
@@ -149,11 +149,11 @@ def test_anchored_reward_scores_the_executed_token(world):
 
 def test_flatten_keeps_only_controlled_agents(world):
     scenes, tok, enc = world
-    cfg = pa.SpacerConfig()
-    env = pa.make_env(scenes, tok.table, cfg)
-    roll = pa.collect_rollout(pa.LateFusionPolicy(K), env, torch.ones(scenes.B, scenes.A, dtype=torch.bool))
+    cfg = PA.SpacerConfig()
+    env = PA.make_env(scenes, tok.table, cfg)
+    roll = PA.collect_rollout(PA.LateFusionPolicy(K), env, torch.ones(scenes.B, scenes.A, dtype=torch.bool))
     z = torch.zeros_like(roll["values"])
-    batch = pa.flatten(roll, z, z, scenes.agent_type, None)
+    batch = PA.flatten(roll, z, z, scenes.agent_type, None)
     assert batch["actions"].shape[0] == roll["actions"].shape[0] * int(roll["ctrl"].sum())
     assert batch["obs"]["road"].shape[1:] == roll["obs"]["road"].shape[3:]
 
@@ -170,9 +170,9 @@ def test_short_anchored_run_pulls_policy_toward_reference(world, tmp_path):
         return ref_logits[sc.agent_type].unsqueeze(2).expand(*ids.shape, K)  # [B, A, N, K]
 
     def run(anchor, state=None, ckpts=None, **kw):
-        cfg = pa.anchor_config(anchor, num_worlds=2, iterations=3, minibatch_size=512, lr=3e-3,
+        cfg = PA.anchor_config(anchor, num_worlds=2, iterations=3, minibatch_size=512, lr=3e-3,
                                goal_dropout=0.0, save_every=1, **kw)
-        policy, hist = pa.train(cfg, scenes, enc, tok.table, tok.n0, log_p_ref=log_p_ref, state=state,
+        policy, hist = PA.train(cfg, scenes, enc, tok.table, tok.n0, log_p_ref=log_p_ref, state=state,
                                 ckpt_fn=None if ckpts is None else lambda st: ckpts.append(copy.deepcopy(st)))
         return policy, hist
 
@@ -191,8 +191,8 @@ def test_short_anchored_run_pulls_policy_toward_reference(world, tmp_path):
     assert len(resumed) == 3 and resumed[-1]["kl_ref"] == pytest.approx(spacer[-1]["kl_ref"], rel=1e-5)
     # the saved policy loads back to the same network
     save_atomic(ckpts[-1], tmp_path / "policy.pt")
-    loaded, cfg = pa.load_policy(tmp_path / "policy.pt")
-    obs = pa.make_env(scenes, tok.table, cfg).reset()
+    loaded, cfg = PA.load_policy(tmp_path / "policy.pt")
+    obs = PA.make_env(scenes, tok.table, cfg).reset()
     assert torch.equal(loaded(obs, scenes.agent_type)[0], policy(obs, scenes.agent_type)[0])
 
 
@@ -200,12 +200,12 @@ def ppo_batch(world, anchor: bool):
     """One rollout of a fresh policy as ppo_update's flat batch (zero advantages and returns)."""
     scenes, tok, enc = world
     torch.manual_seed(0)
-    policy = pa.LateFusionPolicy(K)
-    env = pa.make_env(scenes, tok.table, pa.SpacerConfig())
-    roll = pa.collect_rollout(policy, env, torch.ones(scenes.B, scenes.A, dtype=torch.bool))
+    policy = PA.LateFusionPolicy(K)
+    env = PA.make_env(scenes, tok.table, PA.SpacerConfig())
+    roll = PA.collect_rollout(policy, env, torch.ones(scenes.B, scenes.A, dtype=torch.bool))
     z = torch.zeros_like(roll["values"])                                         # [N, B, A]
     anchor_logp = roll["logp_all"].clone() if anchor else None                   # [N, B, A, K]
-    return policy, pa.flatten(roll, z.clone(), z.clone(), scenes.agent_type, anchor_logp)
+    return policy, PA.flatten(roll, z.clone(), z.clone(), scenes.agent_type, anchor_logp)
 
 
 @pytest.mark.parametrize("field, term", [("advantages", "policy_loss"), ("returns", "value_loss"),
@@ -218,17 +218,17 @@ def test_ppo_update_stops_on_a_non_finite_term_before_the_step(world, field, ter
     before = copy.deepcopy(policy.state_dict())
     opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
     with pytest.raises(FloatingPointError, match=f"ppo_update: epoch 1, minibatch 1.*{term}"):
-        pa.ppo_update(policy, opt, batch, pa.SpacerConfig(minibatch_size=10 ** 6), anchor_coef=0.1)
+        PA.ppo_update(policy, opt, batch, PA.SpacerConfig(minibatch_size=10 ** 6), anchor_coef=0.1)
     assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
     policy, batch = ppo_batch(world, anchor=True)                                # the same batch, finite
-    pa.ppo_update(policy, torch.optim.Adam(policy.parameters(), lr=1e-3), batch, pa.SpacerConfig(), 0.1)
+    PA.ppo_update(policy, torch.optim.Adam(policy.parameters(), lr=1e-3), batch, PA.SpacerConfig(), 0.1)
     assert all(bool(torch.isfinite(p).all()) for p in policy.parameters())
 
 
 def test_return_scaler_rejects_a_non_finite_reward_and_keeps_its_statistics():
     """Before: one NaN reward made the running variance NaN for good. Now it is rejected with the
     iteration named and the statistics are untouched, so the next finite rollout scales as usual."""
-    scaler = pa.ReturnScaler(0.99)
+    scaler = PA.ReturnScaler(0.99)
     mask = torch.tensor([[True, True, False]])                                   # [B, A]
     rewards = torch.ones(4, 1, 3)                                                # [N, B, A]
     scaler(rewards, mask)
@@ -238,23 +238,23 @@ def test_return_scaler_rejects_a_non_finite_reward_and_keeps_its_statistics():
     with pytest.raises(FloatingPointError, match="iteration 7: the rewards"):
         scaler(bad, mask, "spacer iteration 7")
     assert scaler.__dict__ == stats
-    bad[2, 0, 1], bad[1, 0, 2] = 1.0, float("inf")                               # an agent that does not count
+    bad[2, 0, 1], bad[1, 0, 2] = 1.0, float("inf")                              # an agent that does not count
     out = scaler(bad, mask)
     assert bool(torch.isfinite(out[:, mask]).all()) and math.isfinite(scaler.var)
 
 
 def test_load_policy_names_a_wrong_shape_or_corrupt_checkpoint(tmp_path):
-    cfg = pa.SpacerConfig()
-    other = pa.LateFusionPolicy(K + 1)                                # weights for another vocabulary
+    cfg = PA.SpacerConfig()
+    other = PA.LateFusionPolicy(K + 1)                                # weights for another vocabulary
     save_atomic(dict(policy=other.state_dict(), K=K, cfg=dataclasses.asdict(cfg)), tmp_path / "policy.pt")
     with pytest.raises(ValueError, match=r"policy\.pt: not a SPACeR policy checkpoint of this code "
                                          r"\(RuntimeError: .*size mismatch.*--stage spacer"):
-        pa.load_policy(tmp_path / "policy.pt")
+        PA.load_policy(tmp_path / "policy.pt")
     save_atomic(dict(policy=other.state_dict(), K=K + 1), tmp_path / "policy.pt")
     with pytest.raises(ValueError, match=r"policy\.pt: lacks \['cfg'\], expected a SPACeR policy checkpoint"):
-        pa.load_policy(tmp_path / "policy.pt")
+        PA.load_policy(tmp_path / "policy.pt")
     (tmp_path / "policy.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"policy\.pt: empty file"):
-        pa.load_policy(tmp_path / "policy.pt")
+        PA.load_policy(tmp_path / "policy.pt")
     with pytest.raises(FileNotFoundError, match=r"nowhere\.pt: not found .*--stage spacer"):
-        pa.load_policy(tmp_path / "nowhere.pt")
+        PA.load_policy(tmp_path / "nowhere.pt")

@@ -5,7 +5,7 @@ tiny reference model on toy scenes."""
 import pytest
 import torch
 
-import evaluate
+import evaluate as E
 import r1_finetune as R1
 import reference_model as RM
 import train
@@ -325,7 +325,7 @@ def test_budget_and_seed_table():
     assert R1.rft_epochs(R1.R1Config(rft_steps=24, scenes_per_step=4, M=8), n_train=384) == 2
     assert R1.rft_epochs(R1.R1Config(rft_steps=25, scenes_per_step=4, M=8), n_train=384) == 3
     evals = [{"BC": {"m": 0.5}, "SFT": {"m": 0.6}}, {"BC": {"m": 0.7}}]
-    table = evaluate.seed_table(evals, ("m",)).splitlines()
+    table = E.seed_table(evals, ("m",)).splitlines()
     assert table[2] == "| BC | 2 | 0.6000 +- 0.1414 |" and table[3] == "| SFT | 1 | 0.6000 |"
 
 

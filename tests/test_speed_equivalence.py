@@ -69,7 +69,7 @@ def old_interaction_features(pos, yaw, valid, size, speed, slots):
         # |cos|, |sin| of it equal those of h_j - h_i, already at hand.
         yaw_diff = (H[:, c_].unsqueeze(-2) - Hi[:, c_].unsqueeze(-1)).abs()  # [B, Nc, M, A]
         ac, as_ = cos_d.abs(), sin_d.abs()                                # [B, Nc, M, A]
-        long_off = 0.5 * Lj * ac + 0.5 * Wj * as_                        # [B, Nc, M, A] other's nearest corner
+        long_off = 0.5 * Lj * ac + 0.5 * Wj * as_                       # [B, Nc, M, A] other's nearest corner
         lat_off = 0.5 * Lj * as_ + 0.5 * Wj * ac                         # [B, Nc, M, A]
         lon = x - 0.5 * Li - long_off                                     # [B, Nc, M, A] ahead of ego's front
         lat = y.abs() - 0.5 * Wi - lat_off                                # [B, Nc, M, A] < 0: overlap

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
+import evaluate as E
 import tokenizer
 from scenes import CROSSWALK, LANE, NOW, OTHER, ROAD_EDGE, T, TL_STATES
 from toy_scenes import make_toy_scenes
@@ -334,7 +334,7 @@ def test_missing_folder_is_named_not_skipped_silently(tmp_path, monkeypatch, cap
     monkeypatch.setenv("WOMD_EXAMPLES", str(tmp_path))                      # a folder with no scenes
     assert missing_womd_examples() == f"{tmp_path} ($WOMD_EXAMPLES) holds no *.json scenes"
     toy = make_toy_scenes(1, seed=6)
-    res = evaluate.run_eval(tmp_path / "runs", "cpu", R=2, toy=toy, womd=True)
+    res = E.run_eval(tmp_path / "runs", "cpu", R=2, toy=toy, womd=True)
     assert list(res["suites"]) == ["toy"]
     out = capsys.readouterr().out
     assert f"the WOMD suite is skipped: {tmp_path} ($WOMD_EXAMPLES) holds no *.json scenes" in out

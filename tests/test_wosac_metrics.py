@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import geometry
-import scenes as sc
+import scenes as S
 import wosac_metrics as wm
 from womd import find_womd_examples, load_womd_dir
 
-T, NOW, DT = sc.T, sc.NOW, sc.DT
+T, NOW, DT = S.T, S.NOW, S.DT
 STEPS = np.arange(T)
 
 
@@ -26,11 +26,11 @@ def line(x0, y0, vx=0.0, vy=0.0):
 
 def edge(points, code=15):
     xyz = np.asarray([(p[0], p[1], p[2] if len(p) > 2 else 0.0) for p in points], np.float32)  # [P, 3]
-    return xyz, sc.ROAD_EDGE, code
+    return xyz, S.ROAD_EDGE, code
 
 
 def lane(points):
-    return (np.asarray([(p[0], p[1], 0.0) for p in points], np.float32), sc.LANE, sc.SURFACE_STREET_LANE)
+    return (np.asarray([(p[0], p[1], 0.0) for p in points], np.float32), S.LANE, S.SURFACE_STREET_LANE)
 
 
 def make_scene(agents, polylines=(), tl=None, scene_id="test"):
@@ -49,11 +49,11 @@ def make_scene(agents, polylines=(), tl=None, scene_id="test"):
         controlled=valid[:, NOW].copy(),
         eval_mask=np.asarray([a.get("eval", True) for a in agents]) & valid[:, NOW])
     if polylines:
-        segs = sc.polylines_to_segments([p for p, _, _ in polylines], [t for _, t, _ in polylines],
+        segs = S.polylines_to_segments([p for p, _, _ in polylines], [t for _, t, _ in polylines],
                                         [c for _, _, c in polylines])
     else:
-        segs = sc.polylines_to_segments([], [], [])
-    return sc.scene_from_numpy(scene_id, agents_np, segs, tl)
+        segs = S.polylines_to_segments([], [], [])
+    return S.scene_from_numpy(scene_id, agents_np, segs, tl)
 
 
 def features(scene):

@@ -57,8 +57,8 @@ def train_bc(cfg: SpacerConfig, scenes: Scenes, log_tokens: dict, table: torch.T
         part = scenes.select(slice(i, min(i + cfg.num_worlds, cfg.bc_scenes, scenes.B)))
         sl = slice(i, i + part.B)
         goal_keep = torch.rand(part.B, part.A, device=device) >= cfg.goal_dropout  # [B, A]
-        part_tokens = {k: v[sl] for k, v in log_tokens.items()}
-        data.append(replay_log_observations(part, part_tokens, table, n0, cfg, goal_keep))
+        data.append(replay_log_observations(part, {k: v[sl] for k, v in log_tokens.items()}, table, n0, cfg,
+                                            goal_keep))
     obs = {k: torch.cat([d["obs"][k] for d in data]) for k in data[0]["obs"]}    # [M, ...]
     agent_type = torch.cat([d["agent_type"] for d in data])                     # [M]
     target = torch.cat([d["target"] for d in data])                             # [M]

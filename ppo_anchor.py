@@ -120,8 +120,9 @@ def check_config(cfg: SpacerConfig) -> None:
     if cfg.anchor not in ANCHORS:
         raise ValueError(f"SpacerConfig.anchor must be one of {ANCHORS}, got {cfg.anchor!r}")
     if cfg.anchor != "spacer" and (cfg.alpha != 0 or cfg.beta != 0):
-        raise ValueError(f"SpacerConfig.alpha / beta anchor to the reference and only apply to anchor='spacer'; "
-                         f"got anchor={cfg.anchor!r} with alpha={cfg.alpha}, beta={cfg.beta}")
+        raise ValueError(f"SpacerConfig.alpha / beta anchor to the reference and only apply to "
+                         f"anchor='spacer'; got anchor={cfg.anchor!r} with alpha={cfg.alpha}, "
+                         f"beta={cfg.beta}")
     if not 0.0 <= cfg.goal_dropout <= 1.0:
         raise ValueError(f"SpacerConfig.goal_dropout must be in [0, 1], got {cfg.goal_dropout}")
 
@@ -144,7 +145,8 @@ def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -
 
 
 def embed_mlp(d_in: int, d: int) -> nn.Sequential:
-    return nn.Sequential(layer_init(nn.Linear(d_in, d)), nn.LayerNorm(d), nn.Tanh(), layer_init(nn.Linear(d, d)))
+    return nn.Sequential(layer_init(nn.Linear(d_in, d)), nn.LayerNorm(d), nn.Tanh(),
+                         layer_init(nn.Linear(d, d)))
 
 
 def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -174,8 +176,10 @@ class LateFusionPolicy(nn.Module):
         road = masked_max(self.road_net(obs["road"]), obs["road_mask"])           # [..., D]
         h = self.shared(torch.cat([ego, partners, road], -1))                     # [..., H]
         heads = self.actor(h).unflatten(-1, (self.n_heads, self.K))               # [..., heads, K]
-        head = agent_type.clamp(0, self.n_heads - 1) if self.n_heads > 1 else torch.zeros_like(agent_type)  # [...]
-        logits = heads.gather(-2, head[..., None, None].expand(*head.shape, 1, self.K)).squeeze(-2)  # [..., K]
+        head = (agent_type.clamp(0, self.n_heads - 1) if self.n_heads > 1
+                else torch.zeros_like(agent_type))                                # [...]
+        pick = head[..., None, None].expand(*head.shape, 1, self.K)               # [..., 1, K]
+        logits = heads.gather(-2, pick).squeeze(-2)                               # [..., K]
         return logits, self.critic(h).squeeze(-1)
 
 
@@ -219,7 +223,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -
     return advantages, advantages + values
 
 
-def anchored_reward(r_task: torch.Tensor, logp_ref: torch.Tensor, actions: torch.Tensor, alpha: float) -> tuple:
+def anchored_reward(r_task: torch.Tensor, logp_ref: torch.Tensor, actions: torch.Tensor,
+                    alpha: float) -> tuple:
     """Eq. 1: r = r_task + alpha * log p_ref(a_t | s_t) of the token actually executed.
     r_task [N, B, A], logp_ref [N, B, A, K], actions [N, B, A] -> (r [N, B, A], log p_ref(a_t) [N, B, A])."""
     logp_exec = logp_ref.gather(-1, actions.unsqueeze(-1)).squeeze(-1)           # [N, B, A]
@@ -238,7 +243,8 @@ def n_policy_steps(spt: int) -> int:
     return (T - 1 - NOW) // spt                                                   # 40 at spt = 2
 
 
-def controlled_forward(net: LateFusionPolicy, obs: dict, agent_type: torch.Tensor, ctrl: torch.Tensor) -> tuple:
+def controlled_forward(net: LateFusionPolicy, obs: dict, agent_type: torch.Tensor,
+                       ctrl: torch.Tensor) -> tuple:
     """The policy on the controlled agents only (the others replay their log, padding never acts):
     obs [B, A, ...], agent_type, ctrl [B, A] -> (logits [M, K], value [M])."""
     return net({k: v[ctrl] for k, v in obs.items()}, agent_type[ctrl])
@@ -252,9 +258,11 @@ def collect_rollout(policy: LateFusionPolicy, env: MultiAgentEnv, goal_keep: tor
     not controlled). With a `teacher` (HR-PPO's BC policy), also stores its log-probabilities on
     the same observations."""
     obs = env.reset()
-    N, (B, A), agent_type, ctrl = n_policy_steps(env.spt), env.controlled.shape, env.s.agent_type, env.controlled
+    N, (B, A) = n_policy_steps(env.spt), env.controlled.shape
+    agent_type, ctrl = env.s.agent_type, env.controlled                           # [B, A]
     K, dev = policy.K, env.device
-    buf = {k: torch.zeros((N,) + v.shape, dtype=v.dtype, device=dev) for k, v in obs.items()}  # [N, B, A, ...]
+    buf = {k: torch.zeros((N,) + v.shape, dtype=v.dtype, device=dev)
+           for k, v in obs.items()}                                               # [N, B, A, ...]
     actions = torch.zeros(N, B, A, dtype=torch.long, device=dev)                  # [N, B, A]
     logprobs = torch.zeros(N, B, A, device=dev)                                   # [N, B, A]
     values = torch.zeros(N, B, A, device=dev)                                     # [N, B, A]
@@ -273,10 +281,12 @@ def collect_rollout(policy: LateFusionPolicy, env: MultiAgentEnv, goal_keep: tor
         if teacher is not None:
             teacher_logp[n][ctrl] = controlled_forward(teacher, obs, agent_type, ctrl)[0].log_softmax(-1)
         obs, rewards[n], _ = env.step(actions[n])
-    pose = torch.cat([env.traj_pos, env.traj_yaw.unsqueeze(-1)], -1)[:, :, ::env.spt]  # [B, A, N + 1, 3] boundaries
+    # the poses at the token boundaries
+    pose = torch.cat([env.traj_pos, env.traj_yaw.unsqueeze(-1)], -1)[:, :, ::env.spt]  # [B, A, N + 1, 3]
     return dict(obs=buf, pose=pose, actions=actions, logprobs=logprobs, logp_all=logp_all, values=values,
                 r_task=rewards, teacher_logp=teacher_logp, ctrl=ctrl,
-                goal=env.goal_reached & ctrl, collided=env.ever_collided & ctrl, offroad=env.ever_offroad & ctrl)
+                goal=env.goal_reached & ctrl, collided=env.ever_collided & ctrl,
+                offroad=env.ever_offroad & ctrl)
 
 
 @torch.no_grad()
@@ -473,15 +483,18 @@ def train(cfg: SpacerConfig, scenes: Scenes, log_tokens: dict, table: torch.Tens
         ctrl = roll["ctrl"]
         n_ctrl = max(int(ctrl.sum()), 1)
         dt = time.perf_counter() - t0
-        row = dict(iteration=it + 1, **stats, explained_variance=explained_variance(batch["values"], batch["returns"]),
+        row = dict(iteration=it + 1, **stats,
+                   explained_variance=explained_variance(batch["values"], batch["returns"]),
                    task_reward=(roll["r_task"].sum(0)[ctrl]).mean().item() if bool(ctrl.any()) else 0.0,
-                   goal_rate=roll["goal"].sum().item() / n_ctrl, collision_rate=roll["collided"].sum().item() / n_ctrl,
+                   goal_rate=roll["goal"].sum().item() / n_ctrl,
+                   collision_rate=roll["collided"].sum().item() / n_ctrl,
                    offroad_rate=roll["offroad"].sum().item() / n_ctrl, agent_steps=M,
                    sps=M / dt, rollout_s=t_roll, reference_s=t_ref, update_s=dt - t_roll - t_ref)
         if logp_ref is not None:
             keep = ctrl.unsqueeze(0).expand_as(logp_exec)                         # [N, B, A]
             row["logp_ref_exec"] = logp_exec[keep].mean().item()
-            row["kl_ref"] = exact_kl(roll["logp_all"][keep], logp_ref[keep]).mean().item()  # of the rollout's pi
+            # of the rollout's pi
+            row["kl_ref"] = exact_kl(roll["logp_all"][keep], logp_ref[keep]).mean().item()
         history.append(row)
         if progress:
             bar.set_postfix(R=f"{row['task_reward']:.2f}", goal=f"{row['goal_rate']:.2f}",

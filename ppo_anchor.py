@@ -68,7 +68,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from env import EGO_DIM, PARTNER_DIM, ROAD_DIM, EnvConfig, MultiAgentEnv
 from scenes import NOW, T, Scenes, check_finite, read_file
@@ -121,8 +120,9 @@ def check_config(cfg: SpacerConfig) -> None:
     if cfg.anchor not in ANCHORS:
         raise ValueError(f"SpacerConfig.anchor must be one of {ANCHORS}, got {cfg.anchor!r}")
     if cfg.anchor != "spacer" and (cfg.alpha != 0 or cfg.beta != 0):
-        raise ValueError(f"SpacerConfig.alpha / beta anchor to the reference and only apply to anchor='spacer'; "
-                         f"got anchor={cfg.anchor!r} with alpha={cfg.alpha}, beta={cfg.beta}")
+        raise ValueError(f"SpacerConfig.alpha / beta anchor to the reference and only apply to "
+                         f"anchor='spacer'; got anchor={cfg.anchor!r} with alpha={cfg.alpha}, "
+                         f"beta={cfg.beta}")
     if not 0.0 <= cfg.goal_dropout <= 1.0:
         raise ValueError(f"SpacerConfig.goal_dropout must be in [0, 1], got {cfg.goal_dropout}")
 
@@ -145,7 +145,8 @@ def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -
 
 
 def embed_mlp(d_in: int, d: int) -> nn.Sequential:
-    return nn.Sequential(layer_init(nn.Linear(d_in, d)), nn.LayerNorm(d), nn.Tanh(), layer_init(nn.Linear(d, d)))
+    return nn.Sequential(layer_init(nn.Linear(d_in, d)), nn.LayerNorm(d), nn.Tanh(),
+                         layer_init(nn.Linear(d, d)))
 
 
 def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -175,8 +176,10 @@ class LateFusionPolicy(nn.Module):
         road = masked_max(self.road_net(obs["road"]), obs["road_mask"])           # [..., D]
         h = self.shared(torch.cat([ego, partners, road], -1))                     # [..., H]
         heads = self.actor(h).unflatten(-1, (self.n_heads, self.K))               # [..., heads, K]
-        head = agent_type.clamp(0, self.n_heads - 1) if self.n_heads > 1 else torch.zeros_like(agent_type)  # [...]
-        logits = heads.gather(-2, head[..., None, None].expand(*head.shape, 1, self.K)).squeeze(-2)  # [..., K]
+        head = (agent_type.clamp(0, self.n_heads - 1) if self.n_heads > 1
+                else torch.zeros_like(agent_type))                                # [...]
+        pick = head[..., None, None].expand(*head.shape, 1, self.K)               # [..., 1, K]
+        logits = heads.gather(-2, pick).squeeze(-2)                               # [..., K]
         return logits, self.critic(h).squeeze(-1)
 
 
@@ -220,7 +223,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -
     return advantages, advantages + values
 
 
-def anchored_reward(r_task: torch.Tensor, logp_ref: torch.Tensor, actions: torch.Tensor, alpha: float) -> tuple:
+def anchored_reward(r_task: torch.Tensor, logp_ref: torch.Tensor, actions: torch.Tensor,
+                    alpha: float) -> tuple:
     """Eq. 1: r = r_task + alpha * log p_ref(a_t | s_t) of the token actually executed.
     r_task [N, B, A], logp_ref [N, B, A, K], actions [N, B, A] -> (r [N, B, A], log p_ref(a_t) [N, B, A])."""
     logp_exec = logp_ref.gather(-1, actions.unsqueeze(-1)).squeeze(-1)           # [N, B, A]
@@ -239,7 +243,8 @@ def n_policy_steps(spt: int) -> int:
     return (T - 1 - NOW) // spt                                                   # 40 at spt = 2
 
 
-def controlled_forward(net: LateFusionPolicy, obs: dict, agent_type: torch.Tensor, ctrl: torch.Tensor) -> tuple:
+def controlled_forward(net: LateFusionPolicy, obs: dict, agent_type: torch.Tensor,
+                       ctrl: torch.Tensor) -> tuple:
     """The policy on the controlled agents only (the others replay their log, padding never acts):
     obs [B, A, ...], agent_type, ctrl [B, A] -> (logits [M, K], value [M])."""
     return net({k: v[ctrl] for k, v in obs.items()}, agent_type[ctrl])
@@ -253,9 +258,11 @@ def collect_rollout(policy: LateFusionPolicy, env: MultiAgentEnv, goal_keep: tor
     not controlled). With a `teacher` (HR-PPO's BC policy), also stores its log-probabilities on
     the same observations."""
     obs = env.reset()
-    N, (B, A), agent_type, ctrl = n_policy_steps(env.spt), env.controlled.shape, env.s.agent_type, env.controlled
+    N, (B, A) = n_policy_steps(env.spt), env.controlled.shape
+    agent_type, ctrl = env.s.agent_type, env.controlled                           # [B, A]
     K, dev = policy.K, env.device
-    buf = {k: torch.zeros((N,) + v.shape, dtype=v.dtype, device=dev) for k, v in obs.items()}  # [N, B, A, ...]
+    buf = {k: torch.zeros((N,) + v.shape, dtype=v.dtype, device=dev)
+           for k, v in obs.items()}                                               # [N, B, A, ...]
     actions = torch.zeros(N, B, A, dtype=torch.long, device=dev)                  # [N, B, A]
     logprobs = torch.zeros(N, B, A, device=dev)                                   # [N, B, A]
     values = torch.zeros(N, B, A, device=dev)                                     # [N, B, A]
@@ -274,10 +281,12 @@ def collect_rollout(policy: LateFusionPolicy, env: MultiAgentEnv, goal_keep: tor
         if teacher is not None:
             teacher_logp[n][ctrl] = controlled_forward(teacher, obs, agent_type, ctrl)[0].log_softmax(-1)
         obs, rewards[n], _ = env.step(actions[n])
-    pose = torch.cat([env.traj_pos, env.traj_yaw.unsqueeze(-1)], -1)[:, :, ::env.spt]  # [B, A, N + 1, 3] boundaries
+    # the poses at the token boundaries
+    pose = torch.cat([env.traj_pos, env.traj_yaw.unsqueeze(-1)], -1)[:, :, ::env.spt]  # [B, A, N + 1, 3]
     return dict(obs=buf, pose=pose, actions=actions, logprobs=logprobs, logp_all=logp_all, values=values,
                 r_task=rewards, teacher_logp=teacher_logp, ctrl=ctrl,
-                goal=env.goal_reached & ctrl, collided=env.ever_collided & ctrl, offroad=env.ever_offroad & ctrl)
+                goal=env.goal_reached & ctrl, collided=env.ever_collided & ctrl,
+                offroad=env.ever_offroad & ctrl)
 
 
 @torch.no_grad()
@@ -474,15 +483,18 @@ def train(cfg: SpacerConfig, scenes: Scenes, log_tokens: dict, table: torch.Tens
         ctrl = roll["ctrl"]
         n_ctrl = max(int(ctrl.sum()), 1)
         dt = time.perf_counter() - t0
-        row = dict(iteration=it + 1, **stats, explained_variance=explained_variance(batch["values"], batch["returns"]),
+        row = dict(iteration=it + 1, **stats,
+                   explained_variance=explained_variance(batch["values"], batch["returns"]),
                    task_reward=(roll["r_task"].sum(0)[ctrl]).mean().item() if bool(ctrl.any()) else 0.0,
-                   goal_rate=roll["goal"].sum().item() / n_ctrl, collision_rate=roll["collided"].sum().item() / n_ctrl,
+                   goal_rate=roll["goal"].sum().item() / n_ctrl,
+                   collision_rate=roll["collided"].sum().item() / n_ctrl,
                    offroad_rate=roll["offroad"].sum().item() / n_ctrl, agent_steps=M,
                    sps=M / dt, rollout_s=t_roll, reference_s=t_ref, update_s=dt - t_roll - t_ref)
         if logp_ref is not None:
             keep = ctrl.unsqueeze(0).expand_as(logp_exec)                         # [N, B, A]
             row["logp_ref_exec"] = logp_exec[keep].mean().item()
-            row["kl_ref"] = exact_kl(roll["logp_all"][keep], logp_ref[keep]).mean().item()  # of the rollout's pi
+            # of the rollout's pi
+            row["kl_ref"] = exact_kl(roll["logp_all"][keep], logp_ref[keep]).mean().item()
         history.append(row)
         if progress:
             bar.set_postfix(R=f"{row['task_reward']:.2f}", goal=f"{row['goal_rate']:.2f}",
@@ -493,69 +505,6 @@ def train(cfg: SpacerConfig, scenes: Scenes, log_tokens: dict, table: torch.Tens
                          history=history, rng=torch.get_rng_state(), return_scaler=dict(scaler.__dict__),
                          cfg=asdict(cfg)))
     return policy, history
-
-
-# --------------------------------------------------------------------------------------------
-# HR-PPO's teacher: behaviour cloning of a decentralized policy on replayed log tokens
-# --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def replay_log_observations(scenes: Scenes, log_tokens: dict, table: torch.Tensor, n0: int, cfg: SpacerConfig,
-                            goal_keep: torch.Tensor) -> dict:
-    """Observations met when the controlled agents execute their logged tokens in the env.
-    Returns flat samples {obs, agent_type, target} of controlled agents with a valid logged token."""
-    env = make_env(scenes, table, cfg)
-    obs = env.reset()
-    N = n_policy_steps(env.spt)
-    log_ids, log_valid = log_tokens["ids"], log_tokens["id_valid"]                 # [B, A, N]
-    samples = []
-    for n in range(N):
-        obs = drop_goal(obs, goal_keep)
-        keep = env.controlled & log_valid[:, :, n0 + n]                           # [B, A]
-        samples.append(({k: v[keep] for k, v in obs.items()}, scenes.agent_type[keep], log_ids[:, :, n0 + n][keep]))
-        obs, _, _ = env.step(log_ids[:, :, n0 + n])
-    return dict(obs={k: torch.cat([s[0][k] for s in samples]) for k in samples[0][0]},  # [M, ...]
-                agent_type=torch.cat([s[1] for s in samples]),                    # [M]
-                target=torch.cat([s[2] for s in samples]))                        # [M]
-
-
-def train_bc(cfg: SpacerConfig, scenes: Scenes, log_tokens: dict, table: torch.Tensor, n0: int,
-             progress: bool = False) -> tuple:
-    """pi_BC: the late-fusion policy with 2x hidden, cross-entropy on the logged tokens of the first
-    cfg.bc_scenes scenes, with the same goal dropout as self-play. Returns (policy, final accuracy)."""
-    torch.manual_seed(cfg.seed)
-    device = scenes.device
-    K = table.shape[1]
-    data = []
-    for i in range(0, min(cfg.bc_scenes, scenes.B), cfg.num_worlds):
-        part = scenes.select(slice(i, min(i + cfg.num_worlds, cfg.bc_scenes, scenes.B)))
-        sl = slice(i, i + part.B)
-        goal_keep = torch.rand(part.B, part.A, device=device) >= cfg.goal_dropout  # [B, A]
-        data.append(replay_log_observations(part, {k: v[sl] for k, v in log_tokens.items()}, table, n0, cfg, goal_keep))
-    obs = {k: torch.cat([d["obs"][k] for d in data]) for k in data[0]["obs"]}    # [M, ...]
-    agent_type = torch.cat([d["agent_type"] for d in data])                     # [M]
-    target = torch.cat([d["target"] for d in data])                             # [M]
-    bc = LateFusionPolicy(K, cfg.embed, cfg.bc_hidden, cfg.type_heads).to(device)
-    opt = torch.optim.Adam(bc.parameters(), lr=1e-3)
-    M = target.shape[0]
-    epochs = range(cfg.bc_epochs)
-    if progress:
-        from tqdm import tqdm
-        epochs = tqdm(epochs, desc="hr-ppo BC teacher")
-    for _ in epochs:
-        perm = torch.randperm(M, device=device)                                  # [M]
-        correct = 0
-        for start in range(0, M, cfg.minibatch_size):
-            mb = perm[start:start + cfg.minibatch_size]                           # [m]
-            logits, _ = bc({k: v[mb] for k, v in obs.items()}, agent_type[mb])    # [m, K]
-            loss = F.cross_entropy(logits, target[mb])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            correct += (logits.argmax(-1) == target[mb]).sum().item()
-        if progress:
-            epochs.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / M:.3f}")
-    bc.eval()
-    return bc, correct / max(M, 1)
 
 
 # --------------------------------------------------------------------------------------------

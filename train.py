@@ -46,10 +46,10 @@ import ppo_anchor as PA
 import r1_finetune as R1
 import reference_model as RM
 import scenes as S
+from hr_ppo import train_bc
 from runs import (Run, check_finite, device_flag, finite_steps, load_checkpoint, number, open_run,
                   pick_device, print_r1_tables, save_policy, save_reference, save_rft, score_once,
                   score_reference_once, timed)
-from scenes import Scenes
 from tokenizer import MotionTokenizer, TokenizerConfig
 from toy_scenes import toy_splits
 
@@ -172,7 +172,7 @@ def model_config(cfg: ReferenceStageConfig) -> RM.ReferenceConfig:
 
 
 @torch.no_grad()
-def validate(model, data: Scenes, enc: dict, cfg: ReferenceStageConfig, device) -> tuple:
+def validate(model, data: S.Scenes, enc: dict, cfg: ReferenceStageConfig, device) -> tuple:
     """Teacher-forced BC loss (with the training smoothing) and token accuracy on held-out scenes."""
     model.eval()
     tot_loss = tot_acc = 0.0
@@ -328,7 +328,7 @@ def spacer_config(args) -> tuple:
     return cfg, name + (f"_seed{args.seed}" if args.seed else "")
 
 
-def hr_ppo_teacher(run: Run, cfg: PA.SpacerConfig, scenes: Scenes, enc: dict, tok, device):
+def hr_ppo_teacher(run: Run, cfg: PA.SpacerConfig, scenes: S.Scenes, enc: dict, tok, device):
     """HR-PPO's decentralized behaviour-cloned teacher, trained once per run (bc.pt)."""
     teacher = PA.LateFusionPolicy(tok.K, cfg.embed, cfg.bc_hidden, cfg.type_heads).to(device)
     saved = run.checkpoint("bc.pt", device)
@@ -336,8 +336,8 @@ def hr_ppo_teacher(run: Run, cfg: PA.SpacerConfig, scenes: Scenes, enc: dict, to
         teacher.load_state_dict(saved)
     else:
         t0 = time.perf_counter()
-        teacher, acc = PA.train_bc(cfg, scenes, {k: v.to(device) for k, v in enc.items()}, tok.table, tok.n0,
-                                   progress=True)
+        teacher, acc = train_bc(cfg, scenes, {k: v.to(device) for k, v in enc.items()}, tok.table, tok.n0,
+                                progress=True)
         weights = teacher.state_dict()
         run.save(run.dir / "bc.pt", functools.partial(S.save_atomic, weights), teacher=weights)
         run.log.update(bc_accuracy=acc, bc_s=time.perf_counter() - t0)

@@ -14,8 +14,9 @@ def straight_road_scene(agents_xyv, yaw=None, controlled=None, length=4.5, width
     """A 200 m straight road, y in [-6, 6], edges oriented with the road on their left.
     agents_xyv: list of (x, y, vx) at step 0, driving at constant velocity in the log."""
     xs = np.linspace(-100, 100, 101)
-    lower = np.stack([xs, np.full_like(xs, -6.0), np.zeros_like(xs)], 1)   # walking +x: road (+y) on the left
-    upper = np.stack([xs[::-1], np.full_like(xs, 6.0), np.zeros_like(xs)], 1)     # walking -x: road (-y) on the left
+    # walking +x the road (+y) is on the left of `lower`; walking -x the road (-y) is on the left of `upper`
+    lower = np.stack([xs, np.full_like(xs, -6.0), np.zeros_like(xs)], 1)         # [101, 3]
+    upper = np.stack([xs[::-1], np.full_like(xs, 6.0), np.zeros_like(xs)], 1)    # [101, 3]
     lane = np.stack([xs, np.full_like(xs, -1.75), np.zeros_like(xs)], 1)
     seg = polylines_to_segments([lower, upper, lane], [ROAD_EDGE, ROAD_EDGE, LANE], [15, 15, 2])
     A = len(agents_xyv)
@@ -45,10 +46,12 @@ def test_bicycle_straight_and_turning():
     pos, yaw, speed = torch.zeros(1, 2), torch.zeros(1), torch.full((1,), 10.0)
     p, y, v = bicycle_step(pos, yaw, speed, torch.zeros(1), torch.zeros(1), torch.full((1,), 4.0))
     assert torch.allclose(p, torch.tensor([[1.0, 0.0]])) and y.item() == 0 and v.item() == 10
-    p, y, v = bicycle_step(pos, yaw, speed, torch.full((1,), 2.0), torch.full((1,), 0.2), torch.full((1,), 4.0))
+    p, y, v = bicycle_step(pos, yaw, speed, torch.full((1,), 2.0), torch.full((1,), 0.2),
+                           torch.full((1,), 4.0))
     assert y.item() > 0 and p[0, 1] > 0 and math.isclose(v.item(), 10.2, rel_tol=1e-6)
     # no reversing
-    _, _, v = bicycle_step(pos, yaw, torch.full((1,), 0.1), torch.full((1,), -6.0), torch.zeros(1), torch.full((1,), 4.0))
+    _, _, v = bicycle_step(pos, yaw, torch.full((1,), 0.1), torch.full((1,), -6.0), torch.zeros(1),
+                           torch.full((1,), 4.0))
     assert v.item() == 0.0
 
 
@@ -99,7 +102,8 @@ def test_collision_offroad_and_goal_rewards():
     for n in range(4):
         _, r, info = env.step(torch.tensor([[4]]))
         flags.append(bool(info["offroad"][0, 0]))
-        full = geometry.box_road_edge_distance(env.pos, env.z, env.yaw, scene.size, geometry.road_edge_table(scene))
+        full = geometry.box_road_edge_distance(env.pos, env.z, env.yaw, scene.size,
+                                               geometry.road_edge_table(scene))
         assert bool(info["offroad"][0, 0]) == bool(full[0, 0] > 0)
     assert flags[0] is False and flags[-1] is True  # starts on the road, ends beyond y = 6
 

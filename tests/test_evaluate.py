@@ -71,20 +71,22 @@ def test_human_driver_outscores_constant_velocity_and_random_tokens():
 
 
 def test_log_replay_events_match_the_metric_on_clean_and_broken_logs():
-    """evaluate.log_replay_events (the core of `python evaluate.py --env-report`): replaying clean toy logs through the
-    env flags no collision and no off-road, as the metric finds on the same logs; and when a log is
-    broken on purpose (one agent driven into another, one drifting sideways out of the road) the
-    env and the metric flag exactly the same agents."""
+    """evaluate.log_replay_events (the core of `python evaluate.py --env-report`): replaying clean toy
+    logs through the env flags no collision and no off-road, as the metric finds on the same logs;
+    and when a log is broken on purpose (one agent driven into another, one drifting sideways out of
+    the road) the env and the metric flag exactly the same agents."""
     scenes = make_toy_scenes(2, seed=0)
     e = log_replay_events(scenes)
     n = int(e["agents"].sum())
     assert n > 0
-    rates = {k: e[k].sum().item() / n for k in ("env_collision", "env_offroad", "metric_collision", "metric_offroad")}
+    rates = {k: e[k].sum().item() / n
+             for k in ("env_collision", "env_offroad", "metric_collision", "metric_offroad")}
     assert rates == {"env_collision": 0.0, "env_offroad": 0.0, "metric_collision": 0.0, "metric_offroad": 0.0}
 
     # break scene 0's log: agent 1 sits 0.5 m behind agent 0 from step 60, agent 2 drifts 40 m left
     pos, yaw = scenes.pos.clone(), scenes.yaw.clone()
-    pos[0, 1, 60:] = scenes.pos[0, 0, 60:] - 0.5 * torch.stack([scenes.yaw[0, 0, 60:].cos(), scenes.yaw[0, 0, 60:].sin()], -1)
+    heading = torch.stack([scenes.yaw[0, 0, 60:].cos(), scenes.yaw[0, 0, 60:].sin()], -1)  # [T - 60, 2]
+    pos[0, 1, 60:] = scenes.pos[0, 0, 60:] - 0.5 * heading
     yaw[0, 1, 60:] = scenes.yaw[0, 0, 60:]
     drift = torch.linspace(0.0, 40.0, T - 40)                                   # [51] m
     left = torch.stack([-scenes.yaw[0, 2, 40:].sin(), scenes.yaw[0, 2, 40:].cos()], -1)  # [51, 2]
@@ -97,7 +99,8 @@ def test_log_replay_events_match_the_metric_on_clean_and_broken_logs():
 
 
 @pytest.mark.skipif(find_womd_examples() is None,
-                    reason="WOMD example scenes not found (set WOMD_EXAMPLES or provide ../shared/data/womd_examples)")
+                    reason="WOMD example scenes not found "
+                           "(set WOMD_EXAMPLES or provide ../shared/data/womd_examples)")
 def test_log_replay_on_real_scenes_flags_what_the_metric_flags():
     """Real logs do contain collisions and off-road boxes (parked cars on the kerb): the env must
     flag exactly the agents the metric flags, including agents with gaps in their logs (the road

@@ -45,14 +45,15 @@ def test_map_tokens_cut_polylines_into_pieces():
     edge = np.stack([np.full(5, 20.0), np.arange(5.0) * 2, np.zeros(5)], -1)      # [5, 3] 4 segments of 2 m
     seg = S.polylines_to_segments([lane, edge], [S.LANE, S.ROAD_EDGE], [2, 15])
     A = 1
-    agents = dict(pos=np.zeros((A, S.T, 2)), z=np.zeros((A, S.T)), yaw=np.zeros((A, S.T)), vel=np.zeros((A, S.T, 2)),
-                  valid=np.ones((A, S.T), bool), size=np.ones((A, 3)), agent_type=np.zeros(A, int),
-                  controlled=np.ones(A, bool), eval_mask=np.ones(A, bool))
+    agents = dict(pos=np.zeros((A, S.T, 2)), z=np.zeros((A, S.T)), yaw=np.zeros((A, S.T)),
+                  vel=np.zeros((A, S.T, 2)), valid=np.ones((A, S.T), bool), size=np.ones((A, 3)),
+                  agent_type=np.zeros(A, int), controlled=np.ones(A, bool), eval_mask=np.ones(A, bool))
     scene = S.scene_from_numpy("known", agents, seg)
     mt = RM.map_tokens(scene, 5.0)
     assert mt["valid"].tolist() == [[True, True, True, True]]
     pose = mt["pose"][0]                                                          # [M, 3]
-    expected = torch.tensor([[2.5, 0.0, 0.0], [7.5, 0.0, 0.0], [20.0, 3.0, torch.pi / 2], [20.0, 7.0, torch.pi / 2]])
+    expected = torch.tensor([[2.5, 0.0, 0.0], [7.5, 0.0, 0.0],
+                             [20.0, 3.0, torch.pi / 2], [20.0, 7.0, torch.pi / 2]])              # [M, 3]
     assert torch.allclose(pose, expected, atol=1e-5), pose
     assert torch.allclose(mt["length"][0], torch.tensor([5.0, 5.0, 6.0, 2.0]))
     assert mt["type"][0].tolist() == [S.LANE, S.LANE, S.ROAD_EDGE, S.ROAD_EDGE]
@@ -137,19 +138,22 @@ def test_rollout_shapes_determinism_and_log_replay(toy):
     run = lambda seed: RM.rollout(model, tok, s, R=R, top_k=5, generator=torch.Generator().manual_seed(seed))
     a, b, c = run(0), run(0), run(1)
     B, A, N = s.B, s.A, tok.N
-    assert a["traj"].shape == (B, R, A, 80, 3) and a["z"].shape == (B, R, A, 80) and a["ids"].shape == (B, R, A, N)
+    assert (a["traj"].shape == (B, R, A, 80, 3) and a["z"].shape == (B, R, A, 80)
+            and a["ids"].shape == (B, R, A, N))
     assert torch.equal(a["traj"], b["traj"]) and torch.equal(a["ids"], b["ids"])
     assert not torch.equal(a["traj"], c["traj"])
     assert model.training  # rollout restores the mode it found
-    log = torch.cat([s.pos, s.yaw[..., None]], -1)[:, None, :, NOW + 1:].expand(-1, R, -1, -1, -1)  # [B, R, A, 80, 3]
+    log = torch.cat([s.pos, s.yaw[..., None]], -1)[:, None, :, NOW + 1:]     # [B, 1, A, 80, 3]
+    log = log.expand(-1, R, -1, -1, -1)                                       # [B, R, A, 80, 3]
     keep = first[:, None].expand(-1, R, -1)                                   # [B, R, A]
     assert torch.equal(a["traj"][keep], log[keep])
     enc_ids = tok.encode(s)["ids"][:, None].expand(-1, R, -1, -1)             # [B, R, A, N]
     assert torch.equal(a["ids"][keep], enc_ids[keep])
     # controlled agents start from their log pose at step 10 and move by their tokens
     ctrl = (s.controlled & live)[:, None].expand(-1, R, -1)                   # [B, R, A]
-    step1 = tok.step_pose(torch.cat([s.pos[:, :, NOW], s.yaw[:, :, NOW, None]], -1)[:, None].expand(-1, R, -1, -1),
-                          a["ids"][..., tok.n0], s.agent_type[:, None].expand(-1, R, -1))  # [B, R, A, spt, 3]
+    start = torch.cat([s.pos[:, :, NOW], s.yaw[:, :, NOW, None]], -1)[:, None]  # [B, 1, A, 3]
+    step1 = tok.step_pose(start.expand(-1, R, -1, -1), a["ids"][..., tok.n0],
+                          s.agent_type[:, None].expand(-1, R, -1))                # [B, R, A, spt, 3]
     assert torch.allclose(a["traj"][:, :, :, :tok.steps_per_token][ctrl], step1[ctrl], atol=1e-5)
 
 
@@ -186,7 +190,8 @@ def test_catk_targets_lead_back_to_the_log(toy):
     log_next = torch.cat([scenes.pos, scenes.yaw[..., None]], -1)[:, :, (n + 1) * tok.steps_per_token]
     assert torch.equal(out["targets"][:, :, n], tok.match(pose_n, log_next, scenes.agent_type))
     assert torch.equal(out["target_valid"][:, :, n],
-                       scenes.controlled & scenes.valid[:, :, NOW] & scenes.valid[:, :, (n + 1) * tok.steps_per_token])
+                       scenes.controlled & scenes.valid[:, :, NOW]
+                       & scenes.valid[:, :, (n + 1) * tok.steps_per_token])
     model.train()
     loss, acc = RM.catk_loss(model, tok, scenes, top_k=8)
     loss.backward()

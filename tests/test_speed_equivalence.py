@@ -62,7 +62,8 @@ def old_interaction_features(pos, yaw, valid, size, speed, slots):
         k = max(1, int(maybe.sum(-1).max()))
         j = torch.where(maybe, lb, math.inf).topk(k, dim=-1, largest=False).indices  # [B, Nc, M, k]
         pick = lambda v: v.expand_as(lb).gather(-1, j)                    # [B, Nc, M, k]
-        d = rounded_box_distance(pick(x), pick(y), pick(cos_d), pick(sin_d), Li, Wi, pick(Lj), pick(Wj))  # [B, Nc, M, k]
+        d = rounded_box_distance(pick(x), pick(y), pick(cos_d), pick(sin_d), Li, Wi,
+                                 pick(Lj), pick(Wj))                      # [B, Nc, M, k]
         dist_out[:, c_] = torch.where(pick(maybe), d, BIG).amin(-1)       # [B, Nc, M]
 
         # 3.3: the box ahead. yaw_diff is NOT wrapped (+179 deg vs -179 deg gives 358 deg: rejected);
@@ -73,14 +74,16 @@ def old_interaction_features(pos, yaw, valid, size, speed, slots):
         lat_off = 0.5 * Lj * as_ + 0.5 * Wj * ac                         # [B, Nc, M, A]
         lon = x - 0.5 * Li - long_off                                     # [B, Nc, M, A] ahead of ego's front
         lat = y.abs() - 0.5 * Wi - lat_off                                # [B, Nc, M, A] < 0: overlap
-        ahead = (V[:, c_].unsqueeze(-2) & (lon > 0) & (yaw_diff <= MAX_HEADING_DIFF) & (lat < 0)  # [B, Nc, M, A]
-                 & ((lat < -SMALL_OVERLAP) | (yaw_diff <= MAX_HEADING_DIFF_SMALL_OVERLAP)))  # ego validity unused
+        # ego validity unused
+        ahead = (V[:, c_].unsqueeze(-2) & (lon > 0) & (yaw_diff <= MAX_HEADING_DIFF) & (lat < 0)
+                 & ((lat < -SMALL_OVERLAP) | (yaw_diff <= MAX_HEADING_DIFF_SMALL_OVERLAP)))  # [B, Nc, M, A]
         masked = lon + (~ahead).to(lon.dtype) * BIG                       # [B, Nc, M, A]
         j = masked.argmin(-1, keepdim=True)                               # [B, Nc, M, 1]
         gap = masked.gather(-1, j).squeeze(-1)                            # [B, Nc, M]
         v_ahead = S[:, c_].unsqueeze(-2).expand_as(masked).gather(-1, j).squeeze(-1)  # [B, Nc, M]
         rel = Si[:, c_] - v_ahead                                         # speed magnitudes, NaN -> 5
-        ttc = torch.where(rel > 0, torch.clamp(gap / rel, max=MAX_TTC), torch.full_like(rel, MAX_TTC))  # [B, Nc, M]
+        ttc = torch.where(rel > 0, torch.clamp(gap / rel, max=MAX_TTC),
+                          torch.full_like(rel, MAX_TTC))                  # [B, Nc, M]
         ttc_out[:, c_] = ttc
     unflat = lambda x: x.view(B, R, Tn, M).transpose(2, 3)                # [B, R, M, T]
     return unflat(dist_out), unflat(ttc_out)
@@ -182,9 +185,11 @@ def test_env_collisions_within_reach_equal_full_matrix():
         g = torch.Generator().manual_seed(0)
         hits = 0
         for _ in range(30):
-            act = torch.rand(scenes.B, scenes.A, 2, generator=g) * torch.tensor([8.0, 1.0]) - torch.tensor([4.0, 0.5])
+            act = (torch.rand(scenes.B, scenes.A, 2, generator=g) * torch.tensor([8.0, 1.0])
+                   - torch.tensor([4.0, 0.5]))                                    # [B, A, 2]
             _, _, info = env.step(act)
-            d = geometry.object_distance_matrix(env.pos, env.yaw, scenes.size[..., 0], scenes.size[..., 1], env.active)
+            d = geometry.object_distance_matrix(env.pos, env.yaw, scenes.size[..., 0], scenes.size[..., 1],
+                                                env.active)                      # [B, A, A]
             assert torch.equal(info["collided"], (d.min(-1).values < 0) & env.active)
             hits += int(info["collided"].sum())
         assert hits > 0 or scenes.B == 4

@@ -90,7 +90,8 @@ def test_overwrite_replaces_the_earlier_run_at_its_first_write(tmp_path, tiny, m
 
 def test_bad_flag_or_device_leaves_earlier_run_and_creates_nothing(tmp_path, capsys):
     files = earlier_run(tmp_path / "reference")
-    assert train.main(["--stage", "reference", "--device", "mps", "--runs", str(tmp_path), "--overwrite"]) == 2
+    assert train.main(["--stage", "reference", "--device", "mps", "--runs", str(tmp_path),
+                       "--overwrite"]) == 2
     assert "--device" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in files} == files
     assert train.main(["--stage", "r1", "--rft-lr", "-1", "--runs", str(tmp_path / "new")]) == 2
@@ -98,9 +99,10 @@ def test_bad_flag_or_device_leaves_earlier_run_and_creates_nothing(tmp_path, cap
 
 
 # ---- flags checked when parsed ------------------------------------------------------------------
-BAD_FLAGS = [("--hidden", "0"), ("--hidden", "-5"), ("--rft-lr", "0"), ("--rft-lr", "-1"), ("--rft-lr", "nan"),
-             ("--seed", "-1"), ("--iterations", "0"), ("--alpha", "-0.1"), ("--alpha", "inf"), ("--beta", "nan"),
-             ("--device", "mps"), ("--device", "meta"), ("--device", "cuda:99")]
+BAD_FLAGS = [("--hidden", "0"), ("--hidden", "-5"), ("--rft-lr", "0"), ("--rft-lr", "-1"),
+             ("--rft-lr", "nan"), ("--seed", "-1"), ("--iterations", "0"), ("--alpha", "-0.1"),
+             ("--alpha", "inf"), ("--beta", "nan"), ("--device", "mps"), ("--device", "meta"),
+             ("--device", "cuda:99")]
 if not torch.cuda.is_available():
     BAD_FLAGS.append(("--device", "cuda"))
 
@@ -128,7 +130,8 @@ def test_good_flags_parse():
 
 def test_quick_with_iterations_takes_the_flag():
     cfg, name = train.spacer_config(train.parse_args(["--stage", "spacer", "--quick", "--iterations", "7"]))
-    assert cfg.iterations == 7 and cfg.num_worlds == train.SPACER_QUICK["num_worlds"] and name == "spacer_iterations7"
+    assert (cfg.iterations == 7 and cfg.num_worlds == train.SPACER_QUICK["num_worlds"]
+            and name == "spacer_iterations7")
 
 
 def test_quick_r1_preset_is_a_valid_schedule():
@@ -160,7 +163,8 @@ def test_nan_loss_stops_with_stage_step_term_and_the_last_checkpoint_survives(tm
     with pytest.raises(FloatingPointError, match=r"reference: bc epoch 2, step 1/2: the loss is not finite"):
         train.main(reference_args(tmp_path))
     ck = torch.load(tmp_path / "reference" / "bc.pt", weights_only=True)
-    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values()
+                                    if v.is_floating_point())
 
 
 def test_non_finite_gradient_stops_before_the_step(tmp_path, tiny, monkeypatch):
@@ -254,7 +258,8 @@ def test_ctrl_c_then_resume_loses_at_most_the_epoch_in_flight(tmp_path, data_dir
     assert proc.wait(timeout=60) != 0
     out = runs / "reference"
     assert torch.load(out / "bc.pt", weights_only=True)["epoch"] == 1
-    done = subprocess.run(child(False) + args + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(child(False) + args + ["--resume"], capture_output=True, text=True, env=env,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     log = json.loads((out / "log.json").read_text())
     assert [e["epoch"] for e in log["bc"]] == [1, 2] and [e["epoch"] for e in log["catk"]] == [1]

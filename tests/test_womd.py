@@ -20,7 +20,8 @@ from womd import find_womd_examples, load_womd_dir, load_womd_json, missing_womd
 
 EXAMPLES = find_womd_examples()
 needs_examples = pytest.mark.skipif(
-    EXAMPLES is None, reason="WOMD example scenes not found (set WOMD_EXAMPLES or provide ../shared/data/womd_examples)")
+    EXAMPLES is None,
+    reason="WOMD example scenes not found (set WOMD_EXAMPLES or provide ../shared/data/womd_examples)")
 TL_FILE = "tfrecord-00000-of-00150_2a173b334be3d32c.json"
 SENT = -10000.0
 
@@ -33,12 +34,17 @@ def _object(kind, xy0, valid, expert=False, z=10.0):
     pos, vel, head = [], [], []
     for t in range(T):
         if valid[t]:
-            pos.append({"x": xy0[0] + t, "y": xy0[1], "z": z}); vel.append({"x": 10.0, "y": 0.0}); head.append(0.0)
+            pos.append({"x": xy0[0] + t, "y": xy0[1], "z": z})
+            vel.append({"x": 10.0, "y": 0.0})
+            head.append(0.0)
         else:
-            pos.append({"x": SENT, "y": SENT, "z": SENT}); vel.append({"x": SENT, "y": SENT}); head.append(SENT)
+            pos.append({"x": SENT, "y": SENT, "z": SENT})
+            vel.append({"x": SENT, "y": SENT})
+            head.append(SENT)
     last = max(t for t in range(T) if valid[t])
     return {"position": pos, "width": 2.0, "length": 4.5, "height": 1.5, "heading": head, "velocity": vel,
-            "valid": list(valid), "goalPosition": pos[last], "type": kind, "id": len(kind), "mark_as_expert": expert}
+            "valid": list(valid), "goalPosition": pos[last], "type": kind, "id": len(kind),
+            "mark_as_expert": expert}
 
 
 def _tiny():
@@ -55,16 +61,19 @@ def _tiny():
         {"geometry": [pt(1000, 500)], "type": "stop_sign", "map_element_id": 17, "id": 1},
         {"geometry": [pt(990, 490), pt(995, 490), pt(995, 495), pt(990, 495)], "type": "crosswalk",
          "map_element_id": 18, "id": 2},
-        {"geometry": [pt(950, 500), pt(1000, 500), pt(1050, 500)], "type": "lane", "map_element_id": 2, "id": 7},
-        {"geometry": [pt(950, 490), pt(1000, 490), pt(1050, 490)], "type": "road_edge", "map_element_id": 15, "id": 8},
+        {"geometry": [pt(950, 500), pt(1000, 500), pt(1050, 500)], "type": "lane", "map_element_id": 2,
+         "id": 7},
+        {"geometry": [pt(950, 490), pt(1000, 490), pt(1050, 490)], "type": "road_edge", "map_element_id": 15,
+         "id": 8},
         {"geometry": [pt(1000, 450), pt(1000, 550)], "type": "lane", "map_element_id": 2, "id": 9},
     ]
     tl = {
-        "9": {"state": ["stop"] * 10, "x": [1000.0 + 0.1 * k for k in range(10)], "y": [480.0] * 10, "z": [3.0] * 10,
-              "time_index": list(range(20, 30)), "lane_id": [9] * 10},
+        "9": {"state": ["stop"] * 10, "x": [1000.0 + 0.1 * k for k in range(10)], "y": [480.0] * 10,
+              "z": [3.0] * 10, "time_index": list(range(20, 30)), "lane_id": [9] * 10},
         "7": {"state": ["go"] * T, "x": [1020.0] * T, "y": [500.0] * T, "z": [3.0] * T,
               "time_index": list(range(T)), "lane_id": [7] * T},
-        "12345": {"state": ["stop"], "x": [0.0], "y": [0.0], "z": [0.0], "time_index": [0], "lane_id": [12345]},
+        "12345": {"state": ["stop"], "x": [0.0], "y": [0.0], "z": [0.0], "time_index": [0],
+                  "lane_id": [12345]},
     }
     meta = {"sdc_track_index": 3, "objects_of_interest": [],
             "tracks_to_predict": [{"track_index": 0, "difficulty": 1}, {"track_index": 2, "difficulty": 1}]}
@@ -315,7 +324,8 @@ def test_load_dir_with_max_agents(womd):
             sdc = json.loads((EXAMPLES / k).read_text())["metadata"]["sdc_track_index"]
             d = (s.pos[0, :, NOW] - s.pos[0, sdc, NOW]).norm(dim=-1)                # [A]
             ctrl = s.controlled[0] & ~s.eval_mask[0]
-            kept_d = (batch.pos[b, :, NOW] - s.pos[0, sdc, NOW]).norm(dim=-1)[batch.controlled[b] & ~batch.eval_mask[b]]
+            kept = batch.controlled[b] & ~batch.eval_mask[b]                        # [A]
+            kept_d = (batch.pos[b, :, NOW] - s.pos[0, sdc, NOW]).norm(dim=-1)[kept]
             dropped = d[ctrl].sort().values[len(kept_d):]
             if len(kept_d) and len(dropped):
                 assert kept_d.max() <= dropped.min() + 1e-4

@@ -298,7 +298,8 @@ def test_benchmark_scoring_runs():
 def test_dataset_means_leave_out_and_count_unscored_scenes():
     """A scene with no scored agent scores NaN; the suite's means are over the other scenes, and the
     result says how many were left out (before: one NaN scene made the whole suite NaN)."""
-    per_scene = dict(realism_meta=torch.tensor([0.8, math.nan, 0.6]), min_ade=torch.tensor([1.0, math.nan, 3.0]))
+    per_scene = dict(realism_meta=torch.tensor([0.8, math.nan, 0.6]),
+                     min_ade=torch.tensor([1.0, math.nan, 3.0]))
     out = wm.dataset_means(per_scene)
     assert out["realism_meta"] == pytest.approx(0.7) and out["min_ade"] == pytest.approx(2.0)
     assert out["n_scenes_nan"] == 1

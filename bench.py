@@ -21,7 +21,7 @@ disturbs less (on an idle machine with 2 threads they are about half the wall ra
 - ppo_agent_steps_per_s: `ppo_anchor.train` iterations (rollout, reference pass, PPO update) of
   SPACeR at the default SpacerConfig, the default-size model as the reference; ppo_rollout_share,
   ppo_reference_share, ppo_update_share split its time;
-- rft_scored_rollouts_per_s: `r1_finetune.rft_step` at the default R1Config (4 scenes x M = 8);
+- rft_scored_rollouts_per_s: `r1_finetune.rft_step` at the default R1Config (4 scenes x M = 16);
 - peer_step_events_agent_steps_per_s, peer_step_obs_agent_steps_per_s,
   peer_step_events_10x_segments_agent_steps_per_s: the simulator on the workload TorchDriveSim is
   timed on (issue 15, `peer_workload`): 256 worlds x 32 vehicles at a 4-way intersection, bicycle

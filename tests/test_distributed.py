@@ -27,7 +27,7 @@ BATCH = [3, 0, 5, 1]                  # the global batch: 2 scenes per rank, dif
 EVAL = dict(eval_R=2, eval_worlds=2, eval_top_k=8, eval_temperature=1.0, eval_R_scenes=3)
 
 
-def torchrun(script: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(script: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))

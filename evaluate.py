@@ -166,6 +166,34 @@ def spacer_table(spacer_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def spacer_seeds(spacer_dir: Path) -> dict:
+    """Every finished SPACeR run grouped by its flags: {run name without `_seed<S>`: {seed: eval}},
+    the per-seed logs that the seed tables below average and pair."""
+    groups = {}
+    for log_path in sorted(spacer_dir.glob("*/log.json")):
+        log = read_file(log_path, "a SPACeR run's log", "delete its folder or rerun it with --overwrite")
+        if "eval" not in log:
+            continue
+        base, _, seed = log_path.parent.name.rpartition("_seed")
+        base, seed = (base, int(seed)) if base and seed.isdigit() else (log_path.parent.name, 0)
+        groups.setdefault(base, {})[seed] = log["eval"]
+    return groups
+
+
+def spacer_seed_tables(spacer_dir: Path, keys: tuple = TABLE_KEYS) -> str:
+    """SPACeR's Table 1 over seeds: mean +- std of every run name, then the paired per-seed
+    differences SPACeR - PPO and SPACeR - HR-PPO (only the seeds both runs have). Empty when no
+    run name has two seeds."""
+    groups = spacer_seeds(spacer_dir)
+    seeds = sorted({s for g in groups.values() for s in g})
+    evals = [{name: g[s] for name, g in groups.items() if s in g} for s in seeds]  # one dict per seed
+    if not any(len(g) > 1 for g in groups.values()):
+        return ""
+    pairs = (("spacer", "ppo"), ("spacer", "hr-ppo"))
+    return (f"mean +- std over seeds ({spacer_dir}/<run>[_seed<S>]):\n" + seed_table(evals, keys)
+            + "\n\npaired per-seed differences, mean [95 % interval]:\n" + paired_table(evals, pairs, keys))
+
+
 def seed_table(evals: list, keys: tuple) -> str:
     """Markdown table of mean +- std over seeds: evals is a list (one per seed) of
     {row name: {metric: value}}; a row is shown with the seeds that have it."""

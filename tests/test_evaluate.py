@@ -134,3 +134,25 @@ def test_rft_curves_read_every_default_seed(tmp_path):
     curves = E.rft_curves(tmp_path)
     assert curves["MPO: realism reward per RFT step"] == {"seed0": [0.5, 0.6], "seed1": [0.4, 0.45]}
     assert curves["MPO: KL(pi || pi_SFT-1) per RFT step"]["seed1"] == [0.0, 0.01]
+
+
+def test_spacer_seed_tables_pair_the_per_seed_logs(tmp_path):
+    """Table 1 over seeds is computed from the per-seed logs: run names group by their flags
+    (`_seed<S>` stripped, no suffix = seed 0), unfinished runs are left out, and SPACeR - PPO is
+    paired seed by seed."""
+    realism = {"spacer": [0.70, 0.72, 0.75], "ppo": [0.60, 0.66, 0.66], "hr-ppo": [0.65, 0.70, None]}
+    for name, values in realism.items():
+        for seed, r in enumerate(values):
+            folder = tmp_path / (name + (f"_seed{seed}" if seed else ""))
+            folder.mkdir()
+            log = {} if r is None else dict(eval=dict(realism_meta=r))
+            (folder / "log.json").write_text(json.dumps(log))
+    groups = E.spacer_seeds(tmp_path)
+    assert groups["ppo"] == {0: dict(realism_meta=0.60), 1: dict(realism_meta=0.66), 2: dict(realism_meta=0.66)}
+    assert sorted(groups["hr-ppo"]) == [0, 1]                             # seed 2 has no eval yet
+    text = E.spacer_seed_tables(tmp_path, keys=("realism_meta",))
+    d = E.paired_difference([0.70, 0.72, 0.75], [0.60, 0.66, 0.66])
+    assert f"| spacer - ppo | 3 | {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] |" in text
+    assert "| spacer - hr-ppo | 2 | +0.0350" in text                      # seeds 0 and 1 only
+    assert "| spacer | 3 | 0.7233 +- 0.0252 |" in text
+    assert E.spacer_seed_tables(tmp_path / "spacer") == ""                # no run: no table

@@ -15,9 +15,9 @@ import torch
 
 import distributed as D
 import evaluate as E
+import presets
 import reference_model as RM
 import scenes as S
-import train
 from tokenizer import MotionTokenizer, TokenizerConfig
 from toy_scenes import make_toy_scenes
 
@@ -64,7 +64,7 @@ def one_step(model, tok, scenes, enc, phase: str) -> None:
 
 
 def scores(model, tok, scenes) -> dict:
-    cfg = replace(train.quick_config(), **{k: v for k, v in EVAL.items() if k != "eval_R_scenes"})
+    cfg = replace(presets.quick_config(), **{k: v for k, v in EVAL.items() if k != "eval_R_scenes"})
     return E.evaluate_model(model, tok, scenes.select(slice(0, EVAL["eval_R_scenes"])), cfg, seed=7)
 
 
@@ -152,9 +152,10 @@ import sys
 from dataclasses import replace
 import torch
 torch.set_num_threads(1)
+import presets
 import train
-cfg = replace(train.quick_config(), **{tiny!r}, cache_dir={data!r})
-train.quick_config = lambda: cfg
+cfg = replace(presets.quick_config(), **{tiny!r}, cache_dir={data!r})
+presets.quick_config = lambda: cfg
 sys.exit(train.main(sys.argv[1:]))
 """
 

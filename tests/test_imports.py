@@ -91,7 +91,7 @@ def test_declared_direction():
     assert g["geometry"] == ["scenes"]
     assert "toy_scenes" not in g["env"] and "wosac_metrics" not in g["env"]
     for concept in ("scenes", "geometry", "womd", "toy_scenes", "human_driver", "env", "tokenizer",
-                    "reference_model", "ppo_anchor", "r1_finetune", "wosac_metrics"):
+                    "reference_model", "ppo_anchor", "r1_finetune", "wosac_metrics", "presets"):
         assert not {"evaluate", "train", "bench"} & set(g[concept]), concept
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import evaluate as E
+import presets
 import r1_finetune as R1
 import reference_model as RM
-import train
 import wosac_metrics as wm
 from scenes import NOW, T
 from tokenizer import MotionTokenizer, TokenizerConfig
@@ -148,8 +148,8 @@ def test_config_checks_and_the_grpo_group_count():
         R1.variant_config(R1.R1Config(M=6), "grpo")
     with pytest.raises(ValueError, match="rft_top_k"):
         R1.check_config(R1.R1Config(rft_top_k=-1))
-    R1.check_config(R1.R1Config(**train.R1_QUICK))
-    R1.variant_config(R1.R1Config(**train.R1_QUICK), "grpo")
+    R1.check_config(R1.R1Config(**presets.R1_QUICK))
+    R1.variant_config(R1.R1Config(**presets.R1_QUICK), "grpo")
 
 
 def test_schedule_gives_both_arms_2n_catk_epochs():

@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import presets
 import reference_model as RM
 import scenes as S
 from scenes import NOW
@@ -201,9 +202,9 @@ def test_catk_targets_lead_back_to_the_log(toy):
 def test_resume_continues_from_the_saved_epoch(tmp_path, monkeypatch):
     """Interrupt after BC epoch 1, resume: BC epoch 2 and CAT-K run, the log keeps both epochs."""
     import train
-    cfg = replace(train.quick_config(), n_train=4, n_val=2, n_test=1, K=24, bc_epochs=2, catk_epochs=1,
+    cfg = replace(presets.quick_config(), n_train=4, n_val=2, n_test=1, K=24, bc_epochs=2, catk_epochs=1,
                   batch_size=2, eval_R=2, cache_dir=str(tmp_path / "data"))
-    monkeypatch.setattr(train, "quick_config", lambda: cfg)
+    monkeypatch.setattr(presets, "quick_config", lambda: cfg)
     real_save = RM.save_checkpoint
 
     def save_then_stop(path, *a, **kw):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import presets
 import r1_finetune as R1
 import reference_model as RM
 import train
@@ -29,8 +30,8 @@ def data_dir(tmp_path_factory):
 @pytest.fixture
 def tiny(monkeypatch, data_dir):
     """--quick made tinier still: a reference run of a few seconds."""
-    cfg = replace(train.quick_config(), **TINY, cache_dir=str(data_dir))
-    monkeypatch.setattr(train, "quick_config", lambda: cfg)
+    cfg = replace(presets.quick_config(), **TINY, cache_dir=str(data_dir))
+    monkeypatch.setattr(presets, "quick_config", lambda: cfg)
     return cfg
 
 
@@ -130,12 +131,12 @@ def test_good_flags_parse():
 
 def test_quick_with_iterations_takes_the_flag():
     cfg, name = train.spacer_config(train.parse_args(["--stage", "spacer", "--quick", "--iterations", "7"]))
-    assert (cfg.iterations == 7 and cfg.num_worlds == train.SPACER_QUICK["num_worlds"]
+    assert (cfg.iterations == 7 and cfg.num_worlds == presets.SPACER_QUICK["num_worlds"]
             and name == "spacer_iterations7")
 
 
 def test_quick_r1_preset_is_a_valid_schedule():
-    cfg = R1.R1Config(**train.R1_QUICK)
+    cfg = R1.R1Config(**presets.R1_QUICK)
     R1.check_config(cfg)
     epochs = R1.schedule(cfg, n_train=24)
     assert epochs["sft1"] + epochs["sft2"] == epochs["sft1"] + epochs["sftsft"] == 2 * cfg.sft_epochs
@@ -227,10 +228,11 @@ from dataclasses import replace
 sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads(1)
+import presets
 import reference_model as RM
 import train
-cfg = replace(train.quick_config(), **{tiny!r}, cache_dir={data!r})
-train.quick_config = lambda: cfg
+cfg = replace(presets.quick_config(), **{tiny!r}, cache_dir={data!r})
+presets.quick_config = lambda: cfg
 if {stall}:                  # a long second epoch: the interrupt arrives with it in flight
     real = RM.bc_loss
     def slow(model, *a, **k):

@@ -346,6 +346,7 @@ def stage_spacer(args) -> dict:
     score_reference_once(run, ref_path, ref, tok, ref_stage, test, cfg)
     print(f"\nheld-out toy test scenes: {n_test}, {cfg.eval_rollouts} rollouts each (WOSAC 2025 weights)")
     print(E.spacer_table(run.dir.parent))
+    print(E.spacer_seed_tables(run.dir.parent))  # Table 1 over seeds, once a run name has two
     print(f"training: {steps:,} agent-steps at {run.log['train_sps']:.0f} agent-steps/s")
     print(f"policy: {run.dir / 'policy.pt'}\nlog and results: {run.log_path}")
     return run.log["eval"]

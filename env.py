@@ -18,8 +18,22 @@ Events and reward (SPACeR's task reward)
     r_task = w_goal * 1[goal reached, first time] - w_coll * 1[collided] - w_off * 1[off-road]
 summed over the 0.1 s steps of one action. Collision and off-road use exactly the rounded-box
 distance and the signed road-edge distance that `wosac_metrics.py` scores (both from geometry.py),
-so what the policy is penalised for is what the metric counts. Agents keep being simulated after
-an event, so every rollout has 80 steps.
+so what the policy is penalised for is what the metric counts. Collisions and off-road driving do
+not end an agent's episode (GPUDrive's collision_behavior "ignore").
+
+Reaching the goal (`EnvConfig.at_goal`)
+- "stop", the self-play setting (ppo_anchor.make_env): a controlled agent that comes within
+  goal_radius of its goal is *done*, as in GPUDrive, which SPACeR trains in: it is paid w_goal
+  and nothing after that step, neither reward nor penalty (`done` [B, A], which PPO reads to stop
+  bootstrapping and to leave the agent out of its loss). GPUDrive's training default then
+  removes the agent from the world; its WOSAC evaluation instead parks it (goal_behavior
+  "stop"), because the metric needs every scored agent at all 80 steps. We park it in training
+  too, so the policy learns among the same parked agents that it meets at evaluation: from its
+  next action on, a done agent holds its pose (in token mode it executes the zero-motion token,
+  so the executed token is still exact), stays an obstacle for the others, and keeps being
+  recorded. The paper does not say more than GPUDrive's setting; this is that setting.
+- "continue": every agent drives to the end and may collect rewards after its goal; the human
+  driver and the log replay use it (stopping them would change the behaviour they sample).
 
 Speed: the road-edge check and the road observation do not look at every map segment for every
 agent at every step. Each agent keeps a small pool of nearby segments, refreshed every
@@ -61,6 +75,7 @@ def bicycle_step(pos, yaw, speed, accel, steer, length, dt: float = DT):
 @dataclass
 class EnvConfig:
     mode: str = "token"          # token | bicycle | continuous
+    at_goal: str = "continue"    # stop (done at the goal, parked: self-play) | continue (see above)
     w_goal: float = 1.0          # reward for reaching the goal (once)
     w_coll: float = 0.75         # penalty per step in collision
     w_off: float = 0.75          # penalty per step off-road
@@ -90,12 +105,20 @@ class MultiAgentEnv:
             raise ValueError(f"EnvConfig.mode must be token, bicycle or continuous, got {cfg.mode!r}")
         if cfg.mode == "token" and token_table is None:
             raise ValueError("token mode needs token_table [3, K, steps_per_token, 3] (tokenizer.table)")
+        if cfg.at_goal not in ("stop", "continue"):
+            raise ValueError(f"EnvConfig.at_goal must be stop or continue, got {cfg.at_goal!r}")
         self.s, self.cfg = scenes, cfg
         self.device = scenes.device
         self.B, self.A = scenes.pos.shape[:2]
         if token_table is not None:
             self.table = token_table.to(self.device)                   # [3, K, spt, 3]
             self.spt = token_table.shape[2]
+            # a parked agent executes its type's zero-motion token (tokenizer: id 0)
+            still = self.table.abs().flatten(2).sum(-1) == 0                # [3, K]
+            if cfg.mode == "token" and cfg.at_goal == "stop" and not bool(still.any(-1).all()):
+                raise ValueError("EnvConfig.at_goal='stop' in token mode needs a zero-motion token of "
+                                 "every agent type in token_table (tokenizer: id 0)")
+            self.stop_ids = still.float().argmax(-1)                        # [3]
         else:
             self.table, self.spt = None, 1
         self.accel_grid = torch.tensor(cfg.accel_grid, device=self.device)  # [Na]
@@ -139,6 +162,7 @@ class MultiAgentEnv:
         self.sim = s.valid[:, :, start_step].clone()
         self.active = self.sim.clone()                                       # [B, A]
         self.goal_reached = torch.zeros_like(self.active)                    # [B, A]
+        self.done = torch.zeros_like(self.active)                            # [B, A] parked at the goal
         self.collided = torch.zeros_like(self.active)                        # [B, A] at the last step
         self.offroad = torch.zeros_like(self.active)                         # [B, A] at the last step
         self.ever_collided = torch.zeros_like(self.active)                   # [B, A]
@@ -151,11 +175,15 @@ class MultiAgentEnv:
     def step(self, actions):
         """token mode: actions [B, A] ids, advances steps_per_token steps; bicycle: [B, A] ids
         into the accel x steer grid; continuous: [B, A, 2] (accel, steer). Returns
-        (obs, reward [B, A], info) with the reward summed over the steps taken."""
+        (obs, reward [B, A], info) with the reward summed over the steps taken; info["actions"]
+        are the ids executed (a done agent's replaced by the zero-motion token in token mode) and
+        info["agent_done"] [B, A] the agents done at their goal after this action."""
         if self.t + self.spt > T - 1:
             raise RuntimeError(f"episode over: t={self.t}, no room for {self.spt} more steps")
         L = self.s.size[..., 0]                                              # [B, A]
+        hold = self.done.clone()                                             # [B, A] parked for this action
         if self.cfg.mode == "token":
+            actions = torch.where(hold, self.stop_ids[self.s.agent_type], actions.long())  # [B, A]
             local = self.table[self.s.agent_type, actions.long()]           # [B, A, spt, 3]
             pose = torch.cat([self.pos, self.yaw.unsqueeze(-1)], -1)         # [B, A, 3]
             poses = apply_local(pose, local)                                 # [B, A, spt, 3]
@@ -171,16 +199,23 @@ class MultiAgentEnv:
                 else:
                     accel, steer = actions[..., 0], actions[..., 1]          # [B, A]
                 new_pos, new_yaw, new_speed = bicycle_step(self.pos, self.yaw, self.speed, accel, steer, L)
-            reward = reward + self._advance(new_pos, new_yaw, None if self.cfg.mode == "token" else new_speed)
+                new_speed = torch.where(hold, torch.zeros_like(new_speed), new_speed)
+            reward = reward + self._advance(new_pos, new_yaw, None if self.cfg.mode == "token" else new_speed,
+                                            hold)
         info = dict(collided=self.collided, offroad=self.offroad, goal_reached=self.goal_reached,
-                    done=self.t >= T - 1)
+                    agent_done=self.done, actions=actions, done=self.t >= T - 1)
         return self.observe(), reward, info
 
-    def _advance(self, new_pos, new_yaw, new_speed=None):
-        """Move controlled agents to their new pose, replay the log for the others, score events.
+    def _advance(self, new_pos, new_yaw, new_speed=None, hold=None):
+        """Move controlled agents to their new pose (agents in `hold` [B, A] keep theirs exactly),
+        replay the log for the others, score events; agents done before this step earn nothing.
         new_speed: the bicycle's speed state; in token mode speed is the displacement rate."""
         t = self.t + 1
         s, ctrl = self.s, self.controlled
+        if hold is not None:
+            new_pos = torch.where(hold.unsqueeze(-1), self.pos, new_pos)     # [B, A, 2]
+            new_yaw = torch.where(hold, self.yaw, new_yaw)                   # [B, A]
+        was_done = self.done.clone()                                         # [B, A]
         log_pos, log_yaw = s.pos[:, :, t], s.yaw[:, :, t]                    # [B, A, 2], [B, A]
         pos = torch.where(ctrl.unsqueeze(-1), new_pos, log_pos)              # [B, A, 2]
         self.vel = (pos - self.pos) / DT                                     # [B, A, 2]
@@ -200,7 +235,7 @@ class MultiAgentEnv:
         cfg = self.cfg
         # [B, A]
         r = cfg.w_goal * newly.float() - cfg.w_coll * self.collided.float() - cfg.w_off * self.offroad.float()
-        return torch.where(ctrl, r, torch.zeros_like(r))
+        return torch.where(ctrl & ~was_done, r, torch.zeros_like(r))
 
     # ---- events ----------------------------------------------------------------------------
     def _events(self):
@@ -214,6 +249,8 @@ class MultiAgentEnv:
         reached = ((self.pos - s.goal).norm(dim=-1) < self.cfg.goal_radius) & act  # [B, A]
         newly = reached & ~self.goal_reached                                 # [B, A]
         self.goal_reached |= reached
+        if self.cfg.at_goal == "stop":
+            self.done = self.goal_reached & self.controlled                  # [B, A]
         return newly
 
     def _collisions(self):

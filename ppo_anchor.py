@@ -20,7 +20,8 @@ scores the motion that really happened.
 
 L_PPO is the usual clipped surrogate (Schulman et al. 2017) with GAE advantages:
 
-    delta_t = r_t + gamma V(o_{t+1}) - V(o_t),    A_t = sum_l (gamma lambda)^l delta_{t+l}
+    delta_t = r_t + gamma (1 - d_t) V(o_{t+1}) - V(o_t)
+    A_t = delta_t + gamma lambda (1 - d_t) A_{t+1}        (d_t = 1: the agent's episode ends with step t)
     rho = pi(a_t|o_t) / pi_old(a_t|o_t),           L_clip = -E[min(rho A, clip(rho, 1-eps, 1+eps) A)]
     L_PPO = L_clip + c_v (V - R)^2 / 2 - c_ent H[pi]
 
@@ -36,6 +37,13 @@ Baselines from the same code (`SpacerConfig.anchor`):
   default (README): beta = 0.1 gives realism meta .650, beta = 1 gives .592 (the policy then
   copies the reference's collisions more than the task reward removes them).
 
+Goal reached = done (env.py, `at_goal="stop"`): as in GPUDrive, where SPACeR trains, an agent
+that reaches its goal is done: w_goal is its last reward (no penalty, no likelihood reward after
+it), d_t = 1 at that step so its advantages do not bootstrap through V of the parked state, and
+its later steps leave the PPO loss, the anchors and the return statistics (`alive` [N, B, A]).
+It stays in the world parked at its goal (GPUDrive's WOSAC setting), so every rollout still has
+positions for all 80 steps of every scored agent.
+
 Scaled to a tutorial: 16 worlds x 40 steps per rollout, minibatches of 512, learning rate 1e-3,
 and rewards divided by a running std of the return (`ReturnScaler`; the per-step collision and
 off-road penalties make raw returns reach tens, and the critic's gradient would then swamp the
@@ -43,8 +51,13 @@ actor's in the shared trunk). The rest is SPACeR's Table A3 (gamma 0.99, lambda 
 4 epochs, value coefficient 0.3, entropy 1e-4, gradient norm 0.5). Only controlled agents act
 and enter the loss; the others replay their log.
 
-Evaluation samples among the top 8 tokens, as the reference's rollouts do (top-1 rollouts have
-no diversity and score far lower on the likelihood-based realism metric).
+Sampling: training and evaluation both sample a_t ~ pi(.|o_t) from the full softmax
+(`sample_tokens`, `eval_top_k = 0`). PPO's ratio, its entropy and the KL anchor are all
+computed for that distribution, so it is the policy that was trained. The paper trains with
+a_t ~ pi_theta(.|o_t) (its PPO on GPUDrive) but reports evaluation with top-1 and top-5 sampling
+(Fig. 3 / Table R3: top-5 higher), i.e. a truncated policy that was never trained: we keep the
+two consistent instead, and `eval_top_k = k` reproduces the paper's choice as an opt-in ablation. (The reference model is a
+different case: it is trained by likelihood, not by RL, and its rollouts keep SMART's top-k.)
 
 Policy: GPUDrive's late-fusion MLP. The ego, the partners and the road points each go through
 Linear-LayerNorm-Tanh-Linear (width 64); partners and road points are max-pooled over their
@@ -106,11 +119,11 @@ class SpacerConfig:
     type_heads: bool = True         # one actor head per agent type (else one shared head)
     # HR-PPO's behaviour-cloned policy
     bc_hidden: int = 128            # 2x the policy's hidden width
-    bc_scenes: int = 64             # training scenes replayed to make BC data
-    bc_epochs: int = 8              # passes over the BC data
+    bc_scenes: int = 0              # training scenes replayed to make BC data (0: all of them)
+    bc_epochs: int = 4              # passes over the BC data (hr_ppo.py; README: its cost and accuracy)
     # evaluation
     eval_rollouts: int = 32         # R rollouts per test scene (WOSAC)
-    eval_top_k: int = 8             # sample among the top-k tokens at evaluation, as the reference (0: all K)
+    eval_top_k: int = 0             # 0: the full softmax, as in training; k: the paper's top-k evaluation
     eval_batch: int = 8             # test scenes per evaluation batch (x R worlds)
     save_every: int = 10            # iterations between checkpoints
     seed: int = 42                  # seed (Table A3)
@@ -211,15 +224,19 @@ def sample_tokens(logits: torch.Tensor, top_k: int = 0) -> torch.Tensor:
     return torch.multinomial(probs, 1).reshape(logits.shape[:-1])                # [...]
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple:
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float,
+        dones: torch.Tensor | None = None) -> tuple:
     """Generalized advantage estimation over a fixed-length episode that ends after the last step
-    (so V after it is 0). rewards, values [N, ...] -> (advantages [N, ...], returns [N, ...])."""
+    (so V after it is 0). dones [N, ...] bool: the agent's episode ended with step t (its goal), so
+    neither V(o_{t+1}) nor the advantages after t flow back into step t.
+    rewards, values [N, ...] -> (advantages [N, ...], returns [N, ...])."""
     advantages = torch.zeros_like(rewards)                                        # [N, ...]
     lastgaelam = torch.zeros_like(rewards[0])                                     # [...]
     for t in reversed(range(rewards.shape[0])):
         next_value = values[t + 1] if t + 1 < rewards.shape[0] else torch.zeros_like(values[t])
-        delta = rewards[t] + gamma * next_value - values[t]
-        advantages[t] = lastgaelam = delta + gamma * lam * lastgaelam
+        nonterminal = 1.0 if dones is None else (~dones[t]).to(rewards.dtype)     # [...]
+        delta = rewards[t] + gamma * nonterminal * next_value - values[t]
+        advantages[t] = lastgaelam = delta + gamma * lam * nonterminal * lastgaelam
     return advantages, advantages + values
 
 
@@ -235,7 +252,9 @@ def anchored_reward(r_task: torch.Tensor, logp_ref: torch.Tensor, actions: torch
 # Self-play rollout and the reference query
 # --------------------------------------------------------------------------------------------
 def make_env(scenes: Scenes, table: torch.Tensor, cfg: SpacerConfig) -> MultiAgentEnv:
-    env_cfg = EnvConfig(mode="token", w_goal=cfg.w_goal, w_coll=cfg.w_coll, w_off=cfg.w_off)
+    """The self-play world, the same in training and evaluation: token mode, agents done (parked)
+    at their goal."""
+    env_cfg = EnvConfig(mode="token", at_goal="stop", w_goal=cfg.w_goal, w_coll=cfg.w_coll, w_off=cfg.w_off)
     return MultiAgentEnv(scenes, env_cfg, token_table=table)
 
 
@@ -255,8 +274,10 @@ def collect_rollout(policy: LateFusionPolicy, env: MultiAgentEnv, goal_keep: tor
                     teacher: LateFusionPolicy | None = None) -> dict:
     """Run every world's controlled agents for one episode with the shared policy, sampling from
     pi. Storage is preallocated [N, B, A, ...] with N = 40 policy steps (zeros where an agent is
-    not controlled). With a `teacher` (HR-PPO's BC policy), also stores its log-probabilities on
-    the same observations."""
+    not controlled). actions are the tokens executed (a parked agent's zero-motion token), alive
+    [N, B, A] the controlled agents not yet done when acting at step n, dones [N, B, A] those done
+    with step n. With a `teacher` (HR-PPO's BC policy), also stores its log-probabilities on the
+    same observations."""
     obs = env.reset()
     N, (B, A) = n_policy_steps(env.spt), env.controlled.shape
     agent_type, ctrl = env.s.agent_type, env.controlled                           # [B, A]
@@ -267,6 +288,8 @@ def collect_rollout(policy: LateFusionPolicy, env: MultiAgentEnv, goal_keep: tor
     logprobs = torch.zeros(N, B, A, device=dev)                                   # [N, B, A]
     values = torch.zeros(N, B, A, device=dev)                                     # [N, B, A]
     rewards = torch.zeros(N, B, A, device=dev)                                    # [N, B, A]
+    alive = torch.zeros(N, B, A, dtype=torch.bool, device=dev)                    # [N, B, A]
+    dones = torch.zeros(N, B, A, dtype=torch.bool, device=dev)                    # [N, B, A]
     logp_all = torch.zeros(N, B, A, K, device=dev)                                # [N, B, A, K]
     teacher_logp = torch.zeros(N, B, A, K, device=dev) if teacher is not None else None  # [N, B, A, K]
     for n in range(N):
@@ -275,16 +298,18 @@ def collect_rollout(policy: LateFusionPolicy, env: MultiAgentEnv, goal_keep: tor
             buf[k][n] = v
         logits, value = controlled_forward(policy, obs, agent_type, ctrl)         # [M, K], [M]
         logp = logits.log_softmax(-1)                                             # [M, K]
-        a = sample_tokens(logits)                                                 # [M]
+        a = sample_tokens(logits)                                                 # [M] full softmax
         actions[n][ctrl], values[n][ctrl], logp_all[n][ctrl] = a, value, logp
         logprobs[n][ctrl] = logp.gather(-1, a.unsqueeze(-1)).squeeze(-1)
         if teacher is not None:
             teacher_logp[n][ctrl] = controlled_forward(teacher, obs, agent_type, ctrl)[0].log_softmax(-1)
-        obs, rewards[n], _ = env.step(actions[n])
+        alive[n] = ctrl & ~env.done
+        obs, rewards[n], info = env.step(actions[n])
+        actions[n], dones[n] = info["actions"], info["agent_done"] & alive[n]
     # the poses at the token boundaries
     pose = torch.cat([env.traj_pos, env.traj_yaw.unsqueeze(-1)], -1)[:, :, ::env.spt]  # [B, A, N + 1, 3]
     return dict(obs=buf, pose=pose, actions=actions, logprobs=logprobs, logp_all=logp_all, values=values,
-                r_task=rewards, teacher_logp=teacher_logp, ctrl=ctrl,
+                r_task=rewards, teacher_logp=teacher_logp, ctrl=ctrl, alive=alive, dones=dones,
                 goal=env.goal_reached & ctrl, collided=env.ever_collided & ctrl,
                 offroad=env.ever_offroad & ctrl)
 
@@ -369,9 +394,10 @@ def ppo_update(policy, optimizer, batch: dict, cfg: SpacerConfig, anchor_coef: f
 
 
 def flatten(roll: dict, advantages, returns, agent_type, anchor_logp) -> dict:
-    """[N, B, A, ...] storage -> flat samples [M, ...] of controlled agents (the only ones trained)."""
+    """[N, B, A, ...] storage -> flat samples [M, ...] of the agent-steps trained: controlled agents
+    acting before their goal (roll["alive"])."""
     N = roll["actions"].shape[0]
-    keep = roll["ctrl"].unsqueeze(0).expand(N, -1, -1)                            # [N, B, A]
+    keep = roll["alive"]                                                          # [N, B, A]
     pick = lambda x: x[keep]                                                      # [M, ...]
     return dict(obs={k: pick(v) for k, v in roll["obs"].items()}, actions=pick(roll["actions"]),
                 logprobs=pick(roll["logprobs"]), values=pick(roll["values"]), advantages=pick(advantages),
@@ -389,16 +415,18 @@ class ReturnScaler:
 
     def __call__(self, rewards: torch.Tensor, mask: torch.Tensor,
                  where: str = "ReturnScaler") -> torch.Tensor:
-        """rewards [N, B, A], mask [B, A] (agents whose returns count) -> scaled rewards [N, B, A].
+        """rewards [N, B, A], mask [B, A] (agents whose returns count) or [N, B, A] (agent-steps:
+        an agent done at its goal stops counting) -> scaled rewards [N, B, A].
         A non-finite reward of a counted agent raises FloatingPointError naming `where` (train passes
         the iteration) before the running statistics change: one NaN would otherwise stay in them
         for good and scale every later reward to NaN."""
+        mask = mask.expand_as(rewards)                                            # [N, B, A]
         ret, rets = torch.zeros_like(rewards[0]), []                              # [B, A]
         for t in range(rewards.shape[0]):
             ret = self.gamma * ret + rewards[t]
-            rets.append(ret[mask])
+            rets.append(ret[mask[t]])
         x = torch.cat(rets).double()                                              # [M]
-        check_finite(rewards[:, mask], f"{where}: the rewards (the return statistics are left unchanged)")
+        check_finite(rewards[mask], f"{where}: the rewards (the return statistics are left unchanged)")
         n, m, v = x.numel(), x.mean().item(), x.var(unbiased=False).item()
         tot = self.count + n  # parallel (Chan et al.) update of the running mean and variance
         delta = m - self.mean
@@ -467,13 +495,16 @@ def train(cfg: SpacerConfig, scenes: Scenes, log_tokens: dict, table: torch.Tens
             logp_ref = reference_log_probs(log_p_ref, worlds, log, roll, n0)      # [N, B, A, K]
             rewards, logp_exec = anchored_reward(roll["r_task"], logp_ref, roll["actions"],
                                                  cfg.alpha if cfg.anchor == "spacer" else 0.0)  # [N, B, A]
+            rewards = torch.where(roll["alive"], rewards, torch.zeros_like(rewards))  # none after the goal
         else:
             rewards, logp_exec = roll["r_task"], None
         t_ref = time.perf_counter() - t0 - t_roll
 
-        # ---- GAE and the PPO update over controlled agents only ---------------------------
-        scaled = scaler(rewards, roll["ctrl"], f"spacer[{cfg.anchor}] iteration {it + 1}")  # [N, B, A]
-        advantages, returns = gae(scaled, roll["values"], cfg.gamma, cfg.gae_lambda)  # [N, B, A]
+        # ---- GAE and the PPO update over controlled agents before their goal --------------
+        alive = roll["alive"]                                                     # [N, B, A]
+        scaled = scaler(rewards, alive, f"spacer[{cfg.anchor}] iteration {it + 1}")  # [N, B, A]
+        # [N, B, A]
+        advantages, returns = gae(scaled, roll["values"], cfg.gamma, cfg.gae_lambda, roll["dones"])
         anchor_logp = logp_ref if cfg.anchor == "spacer" else roll["teacher_logp"]
         batch = flatten(roll, advantages, returns, worlds.agent_type, anchor_logp)
         stats = ppo_update(policy, optimizer, batch, cfg, anchor_coef)
@@ -482,19 +513,20 @@ def train(cfg: SpacerConfig, scenes: Scenes, log_tokens: dict, table: torch.Tens
         M = batch["actions"].shape[0]
         ctrl = roll["ctrl"]
         n_ctrl = max(int(ctrl.sum()), 1)
+        simulated = int(ctrl.sum()) * roll["actions"].shape[0]  # the budget: every controlled agent-step
         dt = time.perf_counter() - t0
         row = dict(iteration=it + 1, **stats,
                    explained_variance=explained_variance(batch["values"], batch["returns"]),
                    task_reward=(roll["r_task"].sum(0)[ctrl]).mean().item() if bool(ctrl.any()) else 0.0,
                    goal_rate=roll["goal"].sum().item() / n_ctrl,
                    collision_rate=roll["collided"].sum().item() / n_ctrl,
-                   offroad_rate=roll["offroad"].sum().item() / n_ctrl, agent_steps=M,
-                   sps=M / dt, rollout_s=t_roll, reference_s=t_ref, update_s=dt - t_roll - t_ref)
-        if logp_ref is not None:
-            keep = ctrl.unsqueeze(0).expand_as(logp_exec)                         # [N, B, A]
-            row["logp_ref_exec"] = logp_exec[keep].mean().item()
+                   offroad_rate=roll["offroad"].sum().item() / n_ctrl, agent_steps=simulated,
+                   trained_steps=M, sps=simulated / dt, rollout_s=t_roll, reference_s=t_ref,
+                   update_s=dt - t_roll - t_ref)
+        if logp_ref is not None and bool(alive.any()):
+            row["logp_ref_exec"] = logp_exec[alive].mean().item()
             # of the rollout's pi
-            row["kl_ref"] = exact_kl(roll["logp_all"][keep], logp_ref[keep]).mean().item()
+            row["kl_ref"] = exact_kl(roll["logp_all"][alive], logp_ref[alive]).mean().item()
         history.append(row)
         if progress:
             bar.set_postfix(R=f"{row['task_reward']:.2f}", goal=f"{row['goal_rate']:.2f}",
@@ -513,8 +545,9 @@ def train(cfg: SpacerConfig, scenes: Scenes, log_tokens: dict, table: torch.Tens
 @torch.no_grad()
 def policy_rollout(policy: LateFusionPolicy, scenes: Scenes, R: int, table: torch.Tensor, cfg: SpacerConfig,
                    timing: dict | None = None) -> tuple:
-    """R closed-loop episodes of every scene in one env of B * R worlds (goals given, top-k
-    sampling). Returns the executed futures pos [B, R, A, 80, 2], z [B, R, A, 80], yaw [B, R, A, 80].
+    """R closed-loop episodes of every scene in one env of B * R worlds (goals given; the training
+    env and, with eval_top_k = 0, the training sampler: see the module docstring). Returns the
+    executed futures pos [B, R, A, 80, 2], z [B, R, A, 80], yaw [B, R, A, 80].
     timing["policy_s"], when given, accumulates the seconds spent in the policy alone."""
     worlds = scenes.repeat(R)
     env = make_env(worlds, table, cfg)

@@ -264,21 +264,21 @@ def spacer_config(args) -> tuple:
     return cfg, name + (f"_seed{args.seed}" if args.seed else "")
 
 
-def hr_ppo_teacher(run: Run, cfg: PA.SpacerConfig, scenes: S.Scenes, enc: dict, tok, device):
-    """HR-PPO's decentralized behaviour-cloned teacher, trained once per run (bc.pt)."""
-    teacher = PA.LateFusionPolicy(tok.K, cfg.embed, cfg.bc_hidden, cfg.type_heads).to(device)
+def hr_ppo_teacher(run: Run, cfg: PA.SpacerConfig, data: dict, enc: dict, tok, device):
+    """HR-PPO's decentralized behaviour-cloned teacher, trained once per run (bc.pt) on the training
+    split (enc: its tokens); its top-1 accuracy on held-out validation tokens: log.json "bc_teacher"."""
     saved = run.checkpoint("bc.pt", device)
-    if saved is not None:
-        teacher.load_state_dict(saved)
-    else:
-        t0 = time.perf_counter()
-        teacher, acc = train_bc(cfg, scenes, {k: v.to(device) for k, v in enc.items()}, tok.table, tok.n0,
-                                progress=True)
-        weights = teacher.state_dict()
-        run.save(run.dir / "bc.pt", functools.partial(S.save_atomic, weights), teacher=weights)
-        run.log.update(bc_accuracy=acc, bc_s=time.perf_counter() - t0)
-        print(f"BC teacher: {PA.count_parameters(teacher):,} parameters, token accuracy {acc:.3f} "
-              f"-> {run.dir / 'bc.pt'}")
+    if saved is None or "stats" not in saved:  # a bc.pt of before the held-out score is fitted again
+        teacher, stats = train_bc(cfg, data["train"].to(device), enc, data["val"].to(device),
+                                  tok.encode_split(data["val"]), tok.table, tok.n0, progress=True)
+        saved = dict(teacher=teacher.state_dict(), stats=stats)
+        run.save(run.dir / "bc.pt", functools.partial(S.save_atomic, saved), teacher=saved["teacher"])
+    teacher = PA.LateFusionPolicy(tok.K, cfg.embed, cfg.bc_hidden, cfg.type_heads).to(device)
+    teacher.load_state_dict(saved["teacher"])
+    run.log["bc_teacher"] = st = saved["stats"]
+    print(f"BC teacher ({st['train_scenes']} training scenes x {st['epochs']} epochs): top-1 token accuracy "
+          f"{st['val_accuracy']:.3f} on {st['val_tokens']:,} held-out validation tokens, "
+          f"{st['train_accuracy']:.3f} on its training tokens -> {run.dir / 'bc.pt'}")
     return teacher.eval()
 
 
@@ -317,7 +317,7 @@ def stage_spacer(args) -> dict:
 
     # ---- models: the frozen reference as a (scenes, ids, id_valid) callable, HR-PPO's teacher ---
     log_p_ref = functools.partial(RM.log_p_ref, ref, tok)
-    teacher = hr_ppo_teacher(run, cfg, train_scenes, enc, tok, device) if args.anchor == "hr-ppo" else None
+    teacher = hr_ppo_teacher(run, cfg, data, enc, tok, device) if args.anchor == "hr-ppo" else None
     n_params = PA.count_parameters(PA.LateFusionPolicy(tok.K, cfg.embed, cfg.hidden, cfg.type_heads))
     print(f"{name}: policy {n_params:,} parameters (reference {ref.n_params:,}); {cfg.num_worlds} worlds x "
           f"{cfg.iterations} iterations; alpha {cfg.alpha}, beta {cfg.beta}; device {device}")

@@ -115,6 +115,51 @@ def test_collision_offroad_and_goal_rewards():
     assert rewards.sum().item() == pytest.approx(1.0) and (rewards > 0).sum() == 1
 
 
+def goal_scene_rollout(at_goal: str):
+    """Agent 0 (controlled, from x = 1 at step 10, goal x = 9) drives 1 m per token toward a car
+    standing at x = 15; agent 2 (controlled, goal far ahead) follows from x = -7 at 1.2 m per token
+    and runs into agent 0 once it has stopped."""
+    scene = straight_road_scene([(0, -1.75, 1.0), (15, -1.75, 0.0), (-10, -1.75, 3.0)],
+                                controlled=[True, False, True])
+    env = MultiAgentEnv(scene, EnvConfig(mode="token", at_goal=at_goal), token_table=straight_table(K=12))
+    env.reset()
+    out = dict(r=[], done=[], collided=[], ids=[])
+    for n in range(40):
+        _, r, info = env.step(torch.tensor([[5, 0, 6]]))
+        for k, v in (("r", r), ("done", info["agent_done"]), ("collided", info["collided"]),
+                     ("ids", info["actions"])):
+            out[k].append(v[0].clone())
+    return env, {k: torch.stack(v) for k, v in out.items()}                      # [40, A]
+
+
+def test_agent_done_at_its_goal_is_parked_and_earns_nothing_after_it():
+    """GPUDrive's setting (SPACeR trains in it): the agent that reaches its goal is done. Before the
+    fix it drove on past its goal into the standing car and collected collision penalties; now it is
+    paid w_goal once, parks (holding its pose exactly, executing the zero-motion token, still
+    recorded at every step) and earns nothing after, even when another agent runs into it."""
+    env, out = goal_scene_rollout("stop")
+    first = int(out["done"][:, 0].float().argmax())                              # the action that reached it
+    assert 6 <= first <= 8 and bool(out["done"][first:, 0].all()) and not bool(out["done"][:first, 0].any())
+    assert out["r"][first, 0].item() == pytest.approx(1.0)
+    assert torch.equal(out["r"][first + 1:, 0], torch.zeros(40 - first - 1))     # nothing after the goal
+    assert bool(out["collided"][first + 1:, 0].any()), "agent 2 must run into the parked agent 0"
+    assert out["r"][:, 2].min().item() < 0                                       # ... and pay for it
+    assert bool((out["ids"][first + 1:, 0] == 0).all()) and bool((out["ids"][:first + 1, 0] == 5).all())
+    pos, _, _ = env.rollout_future()                                             # [1, A, 80, 2]
+    t_park = 2 * (first + 1)                                                     # future index: last move
+    assert torch.equal(pos[0, 0, t_park:], pos[0, 0, t_park - 1:t_park].expand(80 - t_park, 2))
+    assert (pos[0, 0, -1] - env.s.goal[0, 0]).norm().item() < 2.0
+    assert not bool(out["done"][:, 1].any())                                     # log replay is never done
+    # "continue" (the human driver's setting): the same agent drives on and pays penalties
+    env, out = goal_scene_rollout("continue")
+    assert not bool(out["done"].any()) and out["r"][:, 0].sum().item() < 1.0 - 0.7
+    with pytest.raises(ValueError, match="at_goal must be stop or continue"):
+        MultiAgentEnv(env.s, EnvConfig(at_goal="park"), token_table=straight_table())
+    no_zero = straight_table() + 0.1                                             # no zero-motion token
+    with pytest.raises(ValueError, match="zero-motion token"):
+        MultiAgentEnv(env.s, EnvConfig(at_goal="stop"), token_table=no_zero)
+
+
 def test_offroad_with_pools_matches_full_metric_on_a_long_drive():
     """The per-agent edge pool (refreshed every few steps) must give the same flags as all edges."""
     cfg = EnvConfig(mode="bicycle", n_edge_pool=8, refresh_every=5)

@@ -10,7 +10,7 @@ import torch
 import ppo_anchor as PA
 import reference_model as RM
 from env import EGO_DIM, PARTNER_DIM, ROAD_DIM
-from scenes import NOW, save_atomic
+from scenes import NOW, apply_local, save_atomic, wrap_angle
 from tokenizer import MotionTokenizer, TokenizerConfig
 from toy_scenes import make_toy_scenes
 
@@ -65,6 +65,23 @@ def test_gae_matches_hand_computation():
     # lambda = 1 gives discounted Monte-Carlo returns
     _, ret1 = PA.gae(r, v, gamma, 1.0)
     assert torch.allclose(ret1[:, 0], torch.tensor([1 + gamma**2 * 2, gamma * 2, 2.0]))
+
+
+def test_gae_does_not_bootstrap_through_a_done_agent():
+    """Done with step 1 (its goal): step 1's advantage is r_1 - V_1, with neither V(o_2) nor step 2's
+    advantage flowing back, and changing what comes after the goal changes nothing before it."""
+    gamma, lam = 0.9, 0.5
+    r = torch.tensor([[1.0], [0.0], [2.0]])                          # [N=3, 1]
+    v = torch.tensor([[0.5], [1.0], [-1.0]])                         # [N, 1]
+    dones = torch.tensor([[False], [True], [False]])                 # [N, 1]
+    a1 = 0.0 - 1.0
+    a0 = (1.0 + gamma * 1.0 - 0.5) + gamma * lam * a1
+    adv, ret = PA.gae(r, v, gamma, lam, dones)
+    assert torch.allclose(adv[:2, 0], torch.tensor([a0, a1])) and torch.allclose(ret, adv + v)
+    after = PA.gae(torch.tensor([[1.0], [0.0], [-50.0]]), torch.tensor([[0.5], [1.0], [30.0]]), gamma, lam,
+                   dones)[0]
+    assert torch.equal(after[:2], adv[:2])
+    assert not torch.allclose(PA.gae(r, v, gamma, lam)[0][:2], adv[:2])  # without dones it would bootstrap
 
 
 def test_policy_size_heads_and_init():
@@ -147,14 +164,96 @@ def test_anchored_reward_scores_the_executed_token(world):
     assert torch.allclose(poses[ctrl][..., :2], pos[ctrl], atol=1e-3)
 
 
-def test_flatten_keeps_only_controlled_agents(world):
+def test_agents_done_at_their_goal_leave_rewards_and_advantages(world):
+    """A self-play rollout where agents reach their goals mid-episode: after the step that reached
+    it, an agent earns no task reward, executes the zero-motion token (parked, its pose held),
+    leaves the trained samples, and its parked steps cannot change the advantages of its last
+    live steps (train's GAE reads roll["dones"])."""
+    scenes, tok, enc = world
+    torch.manual_seed(3)
+    env = PA.make_env(scenes, tok.table, PA.SpacerConfig())
+    roll = PA.collect_rollout(PA.LateFusionPolicy(K), env, torch.ones(scenes.B, scenes.A, dtype=torch.bool))
+    alive, dones, ctrl = roll["alive"], roll["dones"], roll["ctrl"]              # [N, B, A], [B, A]
+    N = alive.shape[0]
+    parked = ctrl & ~alive                                                       # [N, B, A]
+    mid = dones[1:-1].any(0) & alive[0]                                          # [B, A] done mid-episode
+    assert bool(mid.any()), "some agent must reach its goal during the episode"
+    assert torch.equal(roll["r_task"][parked], torch.zeros(int(parked.sum())))
+    assert bool((roll["actions"][parked] == 0).all())
+    # alive stops right after the done step, for good
+    done_at = dones.float().argmax(0)                                            # [B, A]
+    steps = torch.arange(N).view(N, 1, 1)                                        # [N, 1, 1]
+    assert torch.equal(alive[:, mid], (steps <= done_at)[:, mid])
+    pos, _, _ = env.rollout_future()                                             # [B, A, 80, 2]
+    b, a = mid.nonzero()[0].tolist()
+    t = 2 * (int(done_at[b, a]) + 1)
+    assert torch.equal(pos[b, a, t:], pos[b, a, t - 1:t].expand(80 - t, 2))       # held to the end
+    # GAE: values and rewards of parked steps do not reach the live ones
+    rewards = roll["r_task"]
+    adv, _ = PA.gae(rewards, roll["values"], 0.99, 0.95, dones)
+    noise = torch.where(parked, 100.0 * torch.randn_like(rewards), torch.zeros_like(rewards))  # [N, B, A]
+    adv2, _ = PA.gae(rewards + noise, roll["values"] + noise, 0.99, 0.95, dones)
+    assert torch.allclose(adv[alive], adv2[alive], atol=1e-5)
+    adv3, _ = PA.gae(rewards + noise, roll["values"] + noise, 0.99, 0.95)        # without dones: leaks
+    assert not torch.allclose(adv[alive], adv3[alive], atol=1e-3)
+
+
+def test_evaluation_samples_the_distribution_training_samples(world):
+    """A policy with known logits (the actor's weights zero, its bias the logits), so every token it
+    picks is a draw from softmax(logits). The tokens of evaluation rollouts (policy_rollout, read
+    back from the executed trajectories) and of training rollouts (collect_rollout) both follow
+    that distribution, tail included: the old top-8 evaluation never executed the 8 least likely
+    of these 16 tokens (over 30 % of the mass)."""
+    scenes, tok, enc = world
+    torch.manual_seed(0)
+    logits = torch.linspace(0.0, -1.2, K)                                        # [K]
+    probs = logits.softmax(-1)                                                   # [K]
+    tail = probs[8:].sum().item()
+    assert tail > 0.3
+    policy = PA.LateFusionPolicy(K)
+    with torch.no_grad():
+        policy.actor.weight.zero_()
+        policy.actor.bias.copy_(logits.repeat(policy.n_heads))
+    cfg = PA.SpacerConfig(goal_dropout=0.0)
+    R, spt = 4, tok.table.shape[2]
+    pos, _, yaw = PA.policy_rollout(policy, scenes, R, tok.table, cfg)           # [B, R, A, 80, ...]
+    now = torch.cat([scenes.pos[:, :, NOW], scenes.yaw[:, :, NOW, None]], -1)    # [B, A, 3]
+    traj = torch.cat([pos, yaw.unsqueeze(-1)], -1)                               # [B, R, A, 80, 3]
+    traj = torch.cat([now.unsqueeze(1).expand(-1, R, -1, -1).unsqueeze(3), traj], 3)  # [B, R, A, 81, 3]
+    start = traj[:, :, :, :-1:spt]                                               # [B, R, A, N, 3]
+    nxt = traj[:, :, :, 1:].unflatten(3, (-1, spt))                              # [B, R, A, N, spt, 3]
+    table = tok.table[scenes.agent_type][:, None, :, None]                       # [B, 1, A, 1, K, spt, 3]
+    cand = apply_local(start.unsqueeze(-2), table)                               # [B, R, A, N, K, spt, 3]
+    diff = nxt.unsqueeze(4) - cand                                               # [B, R, A, N, K, spt, 3]
+    diff = torch.cat([diff[..., :2], wrap_angle(diff[..., 2:])], -1).abs()
+    best = diff.flatten(-2).amax(-1).min(-1)                                     # [B, R, A, N]
+    # the agent acts at token n unless it came within the goal radius at a pose up to its start
+    d_goal = (traj[..., :2] - scenes.goal[:, None, :, None]).norm(dim=-1)        # [B, R, A, 81]
+    reached = (d_goal < 2.0).float().cummax(-1).values.bool()[..., :-1:spt]      # [B, R, A, N]
+    acting = scenes.controlled[:, None, :, None] & ~reached                      # [B, R, A, N]
+    assert best.values[acting].max().item() < 1e-3                              # each is exactly a token
+    ids_eval = best.indices[acting]                                              # [M]
+    env = PA.make_env(scenes.repeat(R), tok.table, cfg)
+    roll = PA.collect_rollout(policy, env, torch.ones(scenes.B * R, scenes.A, dtype=torch.bool))
+    ids_train = roll["actions"][roll["alive"]]                                   # [M']
+    for ids in (ids_eval, ids_train):
+        freq = torch.bincount(ids, minlength=K).float() / ids.numel()           # [K]
+        assert ids.numel() > 3000
+        assert freq[8:].sum().item() == pytest.approx(tail, abs=0.03)
+        assert (freq - probs).abs().max().item() < 0.02
+
+
+def test_flatten_keeps_only_controlled_agents_before_their_goal(world):
     scenes, tok, enc = world
     cfg = PA.SpacerConfig()
     env = PA.make_env(scenes, tok.table, cfg)
     roll = PA.collect_rollout(PA.LateFusionPolicy(K), env, torch.ones(scenes.B, scenes.A, dtype=torch.bool))
     z = torch.zeros_like(roll["values"])
     batch = PA.flatten(roll, z, z, scenes.agent_type, None)
-    assert batch["actions"].shape[0] == roll["actions"].shape[0] * int(roll["ctrl"].sum())
+    alive = roll["alive"]                                                        # [N, B, A]
+    assert not bool((alive & ~roll["ctrl"]).any())                               # only controlled agents
+    assert int(alive.sum()) < roll["actions"].shape[0] * int(roll["ctrl"].sum())  # goals were reached
+    assert batch["actions"].shape[0] == int(alive.sum())
     assert batch["obs"]["road"].shape[1:] == roll["obs"]["road"].shape[3:]
 
 

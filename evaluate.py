@@ -353,8 +353,8 @@ def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int 
             shown[name] = (pos[0, 0].cpu(), z[0, 0].cpu(), yaw[0, 0].cpu())  # [A, 80, 2], [A, 80] x2
         p = out_dir / f"rollouts_{suite}.png"
         pairs = int(pictures.crossing_pairs(scene)[0])
-        title = (f"{suite} scene {scene.scene_id[0]}, the split's densest junction ({pairs} crossing vehicle "
-                 "pairs): the log and one 8 s rollout per method")
+        title = (f"{scene.scene_id[0]}, the densest junction of the {suite} split ({pairs} crossing vehicle "
+                 "pairs); one 8 s rollout per method")
         labelled = {PICTURE_LABEL.get(k, k): v for k, v in shown.items()}
         pictures.plot_rollouts(p, scene.to("cpu"), labelled, title=title)
         written.append(p)

@@ -115,11 +115,11 @@ def _scale_bar(ax, box) -> None:
     (x0, y0), side = box
     metres = next(m for m in (5, 10, 20, 50, 100, 200, 500) if m >= side / 8)
     x, y = x0 + 0.04 * side, y0 + 0.04 * side
-    ax.plot([x, x + metres], [y, y], color="k", lw=2, zorder=6)
-    ax.text(x + metres / 2, y + 0.015 * side, f"{metres} m", ha="center", va="bottom", fontsize=7, zorder=6)
+    ax.plot([x, x + metres], [y, y], color="k", lw=2, zorder=2)                # under the agents
+    ax.text(x + metres / 2, y + 0.015 * side, f"{metres} m", ha="center", va="bottom", fontsize=7, zorder=2)
 
 
-def crop(scenes: Scenes, b: int, margin: float = 8.0, keep: float = 0.9):
+def crop(scenes: Scenes, b: int, margin: float = 6.0, keep: float = 0.8):
     """One square window for every panel, fitted to the log of scene b: the middle `keep` share of
     the sim agents' logged positions along each axis (agents far out on the arms would otherwise
     shrink the junction to a dot), plus `margin` m. Rollouts are clipped to it, never widen it (a
@@ -242,7 +242,7 @@ def plot_rollouts(path, scenes: Scenes, rollouts: dict, b: int = 0, title: str =
         titles.append(f"{name}\n{_summary(scenes, 0, pos, events, ok)}")
         ax.set_title(titles[-1], fontsize=10)
     replayed = bool((scenes.valid[0, :, NOW] & ~scenes.controlled[0]).any())
-    fig.legend(handles=_legend_handles(replayed), loc="outside lower center", ncol=4, fontsize=8,
+    fig.legend(handles=_legend_handles(replayed), loc="outside lower center", ncol=4, fontsize=9,
                frameon=False)
     fig.suptitle(title or f"scene {scenes.scene_id[0]}: the log and one 8 s rollout per method", fontsize=11)
     fig.savefig(path, dpi=110)

@@ -2,6 +2,7 @@
 import dataclasses
 import math
 
+import pytest
 import torch
 from PIL import Image
 
@@ -9,6 +10,12 @@ import pictures
 from scenes import NOW, T
 from toy_scenes import make_toy_scenes
 from wosac_metrics import log_as_rollouts
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """Four toy scenes shared by the tests of this file (generating them is the slow part)."""
+    return make_toy_scenes(4, seed=1)
 
 
 def _apart(scenes):
@@ -23,8 +30,8 @@ def _apart(scenes):
                                agent_type=torch.zeros(B, A, dtype=torch.long))
 
 
-def test_busiest_scene_counts_vehicles_crossing_not_following_meeting_or_walking():
-    s = _apart(make_toy_scenes(4, seed=1))
+def test_busiest_scene_counts_vehicles_crossing_not_following_meeting_or_walking(toy):
+    s = _apart(toy)
     pos, yaw, typ, scored = s.pos.clone(), s.yaw.clone(), s.agent_type.clone(), s.eval_mask.clone()
     # scene 0: agent 1 follows agent 0 5 m behind, agent 3 meets agent 2 head-on 4 m to the side
     pos[0, 1] = pos[0, 0] - torch.tensor([5.0, 0.0])
@@ -45,15 +52,15 @@ def test_busiest_scene_counts_vehicles_crossing_not_following_meeting_or_walking
     assert pictures.crossing_pairs(s).tolist() == [0, 2, 0, 1]
     assert pictures.busiest_scene(s) == 1
     # no crossing anywhere: the scene with more scored agents wins, then the first one
-    flat = _apart(make_toy_scenes(3, seed=1))
+    flat = _apart(toy.select([0, 1, 2]))
     fewer = flat.eval_mask.clone()
     fewer[0, 0] = False
     assert pictures.busiest_scene(dataclasses.replace(flat, eval_mask=fewer)) == 1
     assert pictures.busiest_scene(flat) == 0
 
 
-def test_first_events_find_the_first_contact_and_the_first_off_road_step():
-    scenes = make_toy_scenes(1, seed=0)
+def test_first_events_find_the_first_contact_and_the_first_off_road_step(toy):
+    scenes = toy.select([0])
     pos, z, yaw = log_as_rollouts(scenes)                                 # [1, 1, A, 80, ...]
     log_valid = scenes.valid[:, None, :, NOW + 1:]                         # [1, 1, A, 80]
     clean = pictures.first_events(scenes, pos, z, yaw, log_valid)
@@ -73,8 +80,8 @@ def test_first_events_find_the_first_contact_and_the_first_off_road_step():
     assert (ev["collision"][0, 0, others] == -1).all() and (ev["offroad"][0, 0, others] == -1).all()
 
 
-def test_crop_is_one_square_around_the_log():
-    scenes = make_toy_scenes(1, seed=3)
+def test_crop_is_one_square_around_the_log(toy):
+    scenes = toy.select([2])
     (x0, y0), side = pictures.crop(scenes, 0)
     sim = scenes.valid[0, :, NOW]
     now = scenes.pos[0, sim, NOW]                                          # [n, 2]
@@ -83,8 +90,8 @@ def test_crop_is_one_square_around_the_log():
     assert side < 250.0                                                    # a crop, not the whole map
 
 
-def test_plot_rollouts_has_the_log_and_one_panel_per_method_and_the_gif_is_written(tmp_path):
-    scenes = make_toy_scenes(2, seed=4)
+def test_plot_rollouts_has_the_log_and_one_panel_per_method_and_the_gif_is_written(toy, tmp_path):
+    scenes = toy
     b = pictures.busiest_scene(scenes)
     one = scenes.select([b])
     pos, z, yaw = (x[0, 0] for x in log_as_rollouts(one))                  # [A, 80, 2], [A, 80] x2

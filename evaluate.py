@@ -260,6 +260,11 @@ METHODS = (
 )
 
 
+# The panels of rollouts_<suite>.png beside the log, in this order (others only when these are missing).
+PICTURED = ("CAT-K", "PPO", "HR-PPO", "SPACeR", "SFT-RFT-SFT")
+PICTURE_LABEL = {"CAT-K": "reference (CAT-K)", "SFT-RFT-SFT": "SMART-R1 (SFT-RFT-SFT)"}
+
+
 def reference_rollout(model, tok, top_k: int = 8, temperature: float = 1.0, batch_worlds: int = 256,
                       generator=None):
     """A reference model (reference_model.rollout) as a rollout function for score_method."""
@@ -363,21 +368,30 @@ def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int 
         md += [f"## {'held-out toy test scenes' if suite == 'toy' else 'real WOMD example scenes'} ({n})", "",
                format_table(table), ""]
     written = []
-    for suite, scenes in suites.items():                       # a few fresh rollouts of scene 0 per method
-        scene0 = scenes.select([0]).to(device)
+    for suite, scenes in suites.items():                       # one fresh rollout per method, one busy scene
+        b = pictures.busiest_scene(scenes)
+        scene = scenes.select([b]).to(device)
+        present = [n for n, _, _ in METHODS if isinstance(results["suites"][suite].get(n), dict)]
+        order = [n for n in PICTURED if n in present] + [n for n in present if n not in PICTURED]
         shown = {}
-        for name, rel, kind in METHODS:
-            if isinstance(results["suites"][suite].get(name), dict):
-                fn, _ = rollout_fn(kind, runs / rel.format(seed=seed) if rel else None, runs, device, seed)
-                pos, _, yaw = fn(scene0, 4)                    # [1, 4, A, 80, 2], _, [1, 4, A, 80]
-                shown[name] = (pos.cpu(), yaw.cpu())
-        pictures.plot_rollouts(out_dir / f"rollouts_{suite}.png", scene0.to("cpu"),
-                               {k: v[0] for k, v in shown.items()})
-        written.append(out_dir / f"rollouts_{suite}.png")
-        best = next((k for k in ("SPACeR", "SFT-RFT-SFT", "CAT-K", "BC", "human driver") if k in shown), None)
+        for name in order[:5]:
+            rel, kind = next((rel, kind) for n, rel, kind in METHODS if n == name)
+            fn, _ = rollout_fn(kind, runs / rel.format(seed=seed) if rel else None, runs, device, seed)
+            pos, z, yaw = fn(scene, 1)                        # [1, 1, A, 80, 2], [1, 1, A, 80] x2
+            shown[name] = (pos[0, 0].cpu(), z[0, 0].cpu(), yaw[0, 0].cpu())  # [A, 80, 2], [A, 80] x2
+        p = out_dir / f"rollouts_{suite}.png"
+        pairs = int(pictures.crossing_pairs(scene)[0])
+        title = (f"{scene.scene_id[0]}, the densest junction of the {suite} split ({pairs} crossing vehicle "
+                 "pairs); one 8 s rollout per method")
+        labelled = {PICTURE_LABEL.get(k, k): v for k, v in shown.items()}
+        pictures.plot_rollouts(p, scene.to("cpu"), labelled, title=title)
+        written.append(p)
+        animated = ("SPACeR", "SFT-RFT-SFT", "CAT-K", "BC", "human driver")
+        best = next((k for k in animated if k in shown), None)
         if best is not None:
             p = out_dir / f"rollout_{suite}_{best.replace(' ', '_')}.gif"
-            pictures.animate_rollout(p, scene0.to("cpu"), *shown[best])
+            one = [x[None, None] for x in shown[best]]       # [1, 1, A, 80, 2], [1, 1, A, 80] x2
+            pictures.animate_rollout(p, scene.to("cpu"), *one, name=PICTURE_LABEL.get(best, best))
             written.append(p)
     p = out_dir / "training_curves.png"
     pictures.plot_curves(p, training_curves(runs, seed))

@@ -42,6 +42,7 @@ def test_run_eval_lists_missing_checkpoints_and_ranks_the_ceiling_above_the_floo
     md = (tmp_path / "eval" / "results.md").read_text()
     assert md.count("missing: no checkpoint") == sum(rel is not None for _, rel, _ in E.METHODS)
     assert (tmp_path / "eval" / "rollouts_toy.png").stat().st_size > 0
+    assert (tmp_path / "eval" / "rollout_toy_human_driver.gif").stat().st_size > 0   # the best one present
     # a second run keeps the unchanged scores instead of rolling out again
     again = E.run_eval(tmp_path, "cpu", R=4, toy=toy, womd=False)
     assert again["suites"]["toy"]["human driver"] == table["human driver"]

@@ -307,6 +307,38 @@ def held_out_scenes(runs: Path) -> Scenes:
                          cache_dir=cfg.get("cache_dir", "data"))
 
 
+def draw_rollouts(runs: Path, scenes: Scenes, suite: str, present: list, out_dir: Path, device,
+                  seed: int = 0) -> list:
+    """The pictures of one suite: one fresh rollout of each present method (PICTURED first, at most
+    5 beside the log) on the split's busiest junction, rollouts_<suite>.png, and one of them animated.
+    Returns the paths written."""
+    written = []
+    b = pictures.busiest_scene(scenes)
+    scene = scenes.select([b]).to(device)
+    order = [n for n in PICTURED if n in present] + [n for n in present if n not in PICTURED]
+    shown = {}
+    for name in order[:5]:
+        rel, kind = next((rel, kind) for n, rel, kind in METHODS if n == name)
+        fn, _ = rollout_fn(kind, runs / rel.format(seed=seed) if rel else None, runs, device, seed)
+        pos, z, yaw = fn(scene, 1)                                # [1, 1, A, 80, 2], [1, 1, A, 80] x2
+        shown[name] = (pos[0, 0].cpu(), z[0, 0].cpu(), yaw[0, 0].cpu())  # [A, 80, 2], [A, 80] x2
+    p = out_dir / f"rollouts_{suite}.png"
+    pairs = int(pictures.crossing_pairs(scene)[0])
+    title = (f"{scene.scene_id[0]}, the densest junction of the {suite} split ({pairs} crossing vehicle "
+             "pairs); one 8 s rollout per method")
+    labelled = {PICTURE_LABEL.get(k, k): v for k, v in shown.items()}
+    pictures.plot_rollouts(p, scene.to("cpu"), labelled, title=title)
+    written.append(p)
+    animated = ("SPACeR", "SFT-RFT-SFT", "CAT-K", "BC", "human driver")
+    best = next((k for k in animated if k in shown), None)
+    if best is not None:
+        p = out_dir / f"rollout_{suite}_{best.replace(' ', '_')}.gif"
+        one = [x[None, None] for x in shown[best]]               # [1, 1, A, 80, 2], [1, 1, A, 80] x2
+        pictures.animate_rollout(p, scene.to("cpu"), *one, name=PICTURE_LABEL.get(best, best))
+        written.append(p)
+    return written
+
+
 def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int | None = None,
              womd: bool = True, batch: int = 8, toy: Scenes | None = None) -> dict:
     """Score every method of METHODS on the held-out toy scenes (`toy`, default the reference
@@ -369,30 +401,8 @@ def run_eval(runs="runs", device="cpu", R: int = 32, seed: int = 0, n_test: int 
                format_table(table), ""]
     written = []
     for suite, scenes in suites.items():                       # one fresh rollout per method, one busy scene
-        b = pictures.busiest_scene(scenes)
-        scene = scenes.select([b]).to(device)
         present = [n for n, _, _ in METHODS if isinstance(results["suites"][suite].get(n), dict)]
-        order = [n for n in PICTURED if n in present] + [n for n in present if n not in PICTURED]
-        shown = {}
-        for name in order[:5]:
-            rel, kind = next((rel, kind) for n, rel, kind in METHODS if n == name)
-            fn, _ = rollout_fn(kind, runs / rel.format(seed=seed) if rel else None, runs, device, seed)
-            pos, z, yaw = fn(scene, 1)                        # [1, 1, A, 80, 2], [1, 1, A, 80] x2
-            shown[name] = (pos[0, 0].cpu(), z[0, 0].cpu(), yaw[0, 0].cpu())  # [A, 80, 2], [A, 80] x2
-        p = out_dir / f"rollouts_{suite}.png"
-        pairs = int(pictures.crossing_pairs(scene)[0])
-        title = (f"{scene.scene_id[0]}, the densest junction of the {suite} split ({pairs} crossing vehicle "
-                 "pairs); one 8 s rollout per method")
-        labelled = {PICTURE_LABEL.get(k, k): v for k, v in shown.items()}
-        pictures.plot_rollouts(p, scene.to("cpu"), labelled, title=title)
-        written.append(p)
-        animated = ("SPACeR", "SFT-RFT-SFT", "CAT-K", "BC", "human driver")
-        best = next((k for k in animated if k in shown), None)
-        if best is not None:
-            p = out_dir / f"rollout_{suite}_{best.replace(' ', '_')}.gif"
-            one = [x[None, None] for x in shown[best]]       # [1, 1, A, 80, 2], [1, 1, A, 80] x2
-            pictures.animate_rollout(p, scene.to("cpu"), *one, name=PICTURE_LABEL.get(best, best))
-            written.append(p)
+        written += draw_rollouts(runs, scenes, suite, present, out_dir, device, seed)
     p = out_dir / "training_curves.png"
     pictures.plot_curves(p, training_curves(runs, seed))
     if p.is_file():

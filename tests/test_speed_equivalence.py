@@ -193,3 +193,27 @@ def test_env_collisions_within_reach_equal_full_matrix():
             assert torch.equal(info["collided"], (d.min(-1).values < 0) & env.active)
             hits += int(info["collided"].sum())
         assert hits > 0 or scenes.B == 4
+
+
+# --------------------------------------------------------------------------------------------
+# The PPO policy's fast paths
+# --------------------------------------------------------------------------------------------
+def test_input_linear_equals_nn_linear_in_value_and_gradients():
+    """ppo_anchor.InputLinear only changes the layout of the weight-gradient product: the output and
+    every gradient equal nn.Linear's (float tolerance), with the same parameter names."""
+    import ppo_anchor as PA
+    torch.manual_seed(0)
+    fast = PA.InputLinear(10, 64)
+    slow = torch.nn.Linear(10, 64)
+    slow.load_state_dict(fast.state_dict())
+    assert list(fast.state_dict()) == ["weight", "bias"]
+    x = torch.randn(8, 64, 10, requires_grad=True)                           # [S, P, d_in]
+    g = torch.randn(8, 64, 64)                                                # [S, P, d]
+    outs = []
+    for layer in (fast, slow):
+        x.grad = None
+        y = layer(x)                                                          # [S, P, d]
+        y.backward(g)
+        outs.append((y.detach(), layer.weight.grad, layer.bias.grad, x.grad.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

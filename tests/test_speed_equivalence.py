@@ -217,3 +217,26 @@ def test_input_linear_equals_nn_linear_in_value_and_gradients():
         outs.append((y.detach(), layer.weight.grad, layer.bias.grad, x.grad.clone()))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_policy_forward_equals_one_call(monkeypatch):
+    """controlled_forward's chunks over the controlled agents give the numbers of one call over all."""
+    import ppo_anchor as PA
+    from env import EGO_DIM, PARTNER_DIM, ROAD_DIM
+    torch.manual_seed(0)
+    B, A = 4, 40
+    obs = dict(ego=torch.randn(B, A, EGO_DIM), partners=torch.randn(B, A, 16, PARTNER_DIM),
+               partner_mask=torch.rand(B, A, 16) < 0.6, road=torch.randn(B, A, 64, ROAD_DIM),
+               road_mask=torch.rand(B, A, 64) < 0.9)                              # [B, A, ...]
+    obs["partner_mask"][0, :3] = False                                            # empty partner sets
+    agent_type = torch.randint(0, 3, (B, A))                                      # [B, A]
+    ctrl = torch.rand(B, A) < 0.8                                                 # [B, A]
+    policy = PA.LateFusionPolicy(16)
+    with torch.no_grad():
+        monkeypatch.setattr(PA, "FORWARD_CHUNK", 10 ** 6)
+        one = PA.controlled_forward(policy, obs, agent_type, ctrl)
+        monkeypatch.setattr(PA, "FORWARD_CHUNK", 7)
+        chunked = PA.controlled_forward(policy, obs, agent_type, ctrl)
+    assert one[0].shape == (int(ctrl.sum()), 16)
+    for a, b in zip(one, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -240,3 +240,31 @@ def test_chunked_policy_forward_equals_one_call(monkeypatch):
     assert one[0].shape == (int(ctrl.sum()), 16)
     for a, b in zip(one, chunked):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_masked_max_equals_the_max_with_indices_in_value_and_gradient():
+    """ppo_anchor.masked_max (amax) equals the max(-2).values version it replaced, value and gradient,
+    with empty sets (zeros, no gradient) and duplicated points (ties of identical inputs)."""
+    import ppo_anchor as PA
+
+    def old_masked_max(x, mask):
+        pooled = x.masked_fill(~mask.unsqueeze(-1), -1e9).max(-2).values     # [..., D]
+        return torch.where(mask.any(-1, keepdim=True), pooled, torch.zeros_like(pooled))
+
+    torch.manual_seed(0)
+    net = PA.embed_mlp(10, 32)
+    x = torch.randn(6, 20, 10)                                                # [S, P, d_in]
+    x[:, 5] = x[:, 4]                                                         # duplicated points tie
+    mask = torch.rand(6, 20) < 0.7                                            # [S, P]
+    mask[:, 4:6] = True
+    mask[0] = False                                                           # an empty set
+    w = torch.randn(6, 32)                                                    # [S, D]
+    grads = []
+    for pool in (old_masked_max, PA.masked_max):
+        net.zero_grad()
+        out = pool(net(x), mask)                                              # [S, D]
+        (out * w).sum().backward()
+        grads.append((out.detach(), *[p.grad.clone() for p in net.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0]) and bool((grads[1][0][0] == 0).all())
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

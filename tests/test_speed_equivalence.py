@@ -193,3 +193,78 @@ def test_env_collisions_within_reach_equal_full_matrix():
             assert torch.equal(info["collided"], (d.min(-1).values < 0) & env.active)
             hits += int(info["collided"].sum())
         assert hits > 0 or scenes.B == 4
+
+
+# --------------------------------------------------------------------------------------------
+# The PPO policy's fast paths
+# --------------------------------------------------------------------------------------------
+def test_input_linear_equals_nn_linear_in_value_and_gradients():
+    """ppo_anchor.InputLinear only changes the layout of the weight-gradient product: the output and
+    every gradient equal nn.Linear's (float tolerance), with the same parameter names."""
+    import ppo_anchor as PA
+    torch.manual_seed(0)
+    fast = PA.InputLinear(10, 64)
+    slow = torch.nn.Linear(10, 64)
+    slow.load_state_dict(fast.state_dict())
+    assert list(fast.state_dict()) == ["weight", "bias"]
+    x = torch.randn(8, 64, 10, requires_grad=True)                           # [S, P, d_in]
+    g = torch.randn(8, 64, 64)                                                # [S, P, d]
+    outs = []
+    for layer in (fast, slow):
+        x.grad = None
+        y = layer(x)                                                          # [S, P, d]
+        y.backward(g)
+        outs.append((y.detach(), layer.weight.grad, layer.bias.grad, x.grad.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_policy_forward_equals_one_call(monkeypatch):
+    """controlled_forward's chunks over the controlled agents give the numbers of one call over all."""
+    import ppo_anchor as PA
+    from env import EGO_DIM, PARTNER_DIM, ROAD_DIM
+    torch.manual_seed(0)
+    B, A = 4, 40
+    obs = dict(ego=torch.randn(B, A, EGO_DIM), partners=torch.randn(B, A, 16, PARTNER_DIM),
+               partner_mask=torch.rand(B, A, 16) < 0.6, road=torch.randn(B, A, 64, ROAD_DIM),
+               road_mask=torch.rand(B, A, 64) < 0.9)                              # [B, A, ...]
+    obs["partner_mask"][0, :3] = False                                            # empty partner sets
+    agent_type = torch.randint(0, 3, (B, A))                                      # [B, A]
+    ctrl = torch.rand(B, A) < 0.8                                                 # [B, A]
+    policy = PA.LateFusionPolicy(16)
+    with torch.no_grad():
+        monkeypatch.setattr(PA, "FORWARD_CHUNK", 10 ** 6)
+        one = PA.controlled_forward(policy, obs, agent_type, ctrl)
+        monkeypatch.setattr(PA, "FORWARD_CHUNK", 7)
+        chunked = PA.controlled_forward(policy, obs, agent_type, ctrl)
+    assert one[0].shape == (int(ctrl.sum()), 16)
+    for a, b in zip(one, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_masked_max_equals_the_max_with_indices_in_value_and_gradient():
+    """ppo_anchor.masked_max (amax) equals the max(-2).values version it replaced, value and gradient,
+    with empty sets (zeros, no gradient) and duplicated points (ties of identical inputs)."""
+    import ppo_anchor as PA
+
+    def old_masked_max(x, mask):
+        pooled = x.masked_fill(~mask.unsqueeze(-1), -1e9).max(-2).values     # [..., D]
+        return torch.where(mask.any(-1, keepdim=True), pooled, torch.zeros_like(pooled))
+
+    torch.manual_seed(0)
+    net = PA.embed_mlp(10, 32)
+    x = torch.randn(6, 20, 10)                                                # [S, P, d_in]
+    x[:, 5] = x[:, 4]                                                         # duplicated points tie
+    mask = torch.rand(6, 20) < 0.7                                            # [S, P]
+    mask[:, 4:6] = True
+    mask[0] = False                                                           # an empty set
+    w = torch.randn(6, 32)                                                    # [S, D]
+    grads = []
+    for pool in (old_masked_max, PA.masked_max):
+        net.zero_grad()
+        out = pool(net(x), mask)                                              # [S, D]
+        (out * w).sum().backward()
+        grads.append((out.detach(), *[p.grad.clone() for p in net.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0]) and bool((grads[1][0][0] == 0).all())
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

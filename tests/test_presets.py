@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import bench
 import ppo_anchor as PA
 import presets
 import reference_model as RM
@@ -92,3 +93,19 @@ def test_a_tutorial_checkpoint_without_a_preset_name_is_a_tutorial_one(tmp_path)
     assert train.same_preset(cfg, tmp_path / "bc.pt", "tutorial") is cfg
     with pytest.raises(SystemExit, match="bc.pt: a reference of --preset tutorial"):
         train.same_preset(replace(cfg), tmp_path / "bc.pt", "paper")
+
+
+def test_bench_sizes_reports_both_references_side_by_side():
+    """bench.py --only sizes at a tiny batch: its documented keys, and ratios that are the quotients of
+    the figures beside them (speed is measured there, never asserted here)."""
+    fig = bench.bench_sizes(make_toy_scenes(2, seed=777), torch.device("cpu"), scenes=1, R=2, repeats=1,
+                              bc_scenes=1)
+    for preset in presets.PRESETS:
+        ref_rate = fig[f"sizes_{preset}_reference_rollout_scenarios_per_s"]
+        policy_rate = fig["sizes_policy_rollout_scenarios_per_s"]
+        assert fig[f"sizes_speedup_vs_{preset}"] == pytest.approx(policy_rate / ref_rate)
+        assert fig[f"sizes_smaller_vs_{preset}"] == pytest.approx(
+            fig[f"sizes_{preset}_reference_params"] / fig["sizes_policy_params"])
+        assert f"sizes_{preset}_reference_params" in bench.__doc__
+    assert fig["sizes_paper_reference_params"] >= 3_000_000 > fig["sizes_tutorial_reference_params"]
+    assert {key for key, _, _ in bench.ROWS} >= {k for k in fig if not k.endswith("_cpu")}

@@ -1,7 +1,7 @@
 """Every speed and size figure of the project, measured in one place.
 
     python bench.py [--device auto|cpu|cuda] [--worlds 256] [--runs runs] [--out runs/bench] [--json PATH]
-                    [--only env,metric,rollouts,training,peer]
+                    [--only env,metric,rollouts,training,peer,sizes]
 
 Figures (each row of the output names what produced it); every timed figure is measured here,
 directly, never read from a log. Wall-clock rates are the median of several repeats; the `*_cpu`
@@ -27,7 +27,18 @@ disturbs less (on an idle machine with 2 threads they are about half the wall ra
   timed on (issue 15, `peer_workload`): 256 worlds x 32 vehicles at a 4-way intersection, bicycle
   actions, 50 steps, median of 5;
 - spacer_rollout_scenarios_per_s, spacer_policy_only_scenarios_per_s, spacer_params: a trained
-  SPACeR policy's rollouts, when runs/spacer/spacer/policy.pt exists.
+  SPACeR policy's rollouts, when runs/spacer/spacer/policy.pt exists;
+- `--only sizes`, SPACeR's "10x faster, 50x smaller" at equal batch (8 toy scenes x R = 32, randomly
+  initialised weights: the cost of a step does not depend on them): sizes_policy_rollout_scenarios_per_s
+  (the default SpacerConfig policy with its simulator, `ppo_anchor.policy_rollout`),
+  sizes_policy_forward_scenarios_per_s (its forward passes alone), sizes_policy_params;
+  sizes_tutorial_reference_rollout_scenarios_per_s, sizes_tutorial_reference_params and
+  sizes_paper_reference_rollout_scenarios_per_s, sizes_paper_reference_params: `reference_model.rollout`
+  of the reference of each preset (presets.py); sizes_speedup_vs_tutorial / sizes_speedup_vs_paper: the
+  policy's rollout rate over the reference's (the paper: 9.4; `_cpu`: of the per-CPU-second rates);
+  sizes_smaller_vs_tutorial / sizes_smaller_vs_paper: the reference's parameters over the policy's
+  (the paper: 49); sizes_tutorial_bc_scenes_per_s / sizes_paper_bc_scenes_per_s: a BC training step
+  (forward, backward, AdamW) of each reference on 16 toy scenes, what its epochs cost.
 Speed is never asserted in tests; it is measured here.
 """
 from __future__ import annotations
@@ -45,6 +56,7 @@ import numpy as np
 import torch
 
 import ppo_anchor as PA
+import presets
 import r1_finetune as R1
 import reference_model as RM
 import scenes as S
@@ -299,6 +311,57 @@ def bench_spacer(runs: Path, scenes, tok_table, device) -> dict:
                 spacer_params=PA.count_parameters(policy))
 
 
+def bench_sizes(toy, device, scenes: int = 8, R: int = 32, repeats: int = 3, bc_scenes: int = 16) -> dict:
+    """Rollouts of `scenes` toy scenes x R by the policy and by the reference of each preset, all at the
+    same batch (scenes x R worlds at once), randomly initialised, and a BC step of each reference on
+    `bc_scenes` scenes. The paper-size reference takes minutes per rollout on a CPU: there it is timed
+    once, without a warm-up."""
+    few = trimmed(toy.select(slice(0, scenes))).to(device)
+    cfgs = {p: presets.reference_config(p, quick=False) for p in presets.PRESETS}
+    toks = {}                                       # one tokenizer per vocabulary size
+    for cfg in cfgs.values():
+        if (cfg.K, cfg.steps_per_token) not in toks:
+            fit = TokenizerConfig(K=cfg.K, steps_per_token=cfg.steps_per_token, seed=0)
+            toks[cfg.K, cfg.steps_per_token] = MotionTokenizer.fit(toy.to("cpu"), fit).to(device)
+    out, worlds = {}, few.B * R
+    for preset, cfg in cfgs.items():
+        tok = toks[cfg.K, cfg.steps_per_token]
+        torch.manual_seed(0)
+        model = RM.ReferenceModel(presets.model_config(cfg), tok.table).to(device).eval()
+        gen = torch.Generator(device=device).manual_seed(0)
+        slow = preset == "paper" and device.type == "cpu"
+        roll = lambda: RM.rollout(model, tok, few, R=R, generator=gen, batch_worlds=worlds)
+        wall, cpu = timed(roll, device, 1 if slow else repeats, warmup=0 if slow else 1)
+        out.update(rates(f"sizes_{preset}_reference_rollout_scenarios_per_s", worlds, wall, cpu))
+        out[f"sizes_{preset}_reference_params"] = model.n_params
+        batch = trimmed(toy.select(slice(0, bc_scenes))).to(device)       # what a training epoch costs
+        enc, opt = tok.encode(batch), torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+
+        def bc_step():
+            loss, _ = RM.bc_loss(model.train(), batch, enc, cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        wall, cpu = timed(bc_step, device, 1 if slow else repeats, warmup=0 if slow else 1)
+        out.update(rates(f"sizes_{preset}_bc_scenes_per_s", batch.B, wall, cpu))
+    spacer = PA.SpacerConfig()
+    tok = toks[cfgs["paper"].K, cfgs["paper"].steps_per_token]   # the policy acts in the reference's tokens
+    torch.manual_seed(0)
+    policy = PA.LateFusionPolicy(tok.K, spacer.embed, spacer.hidden, spacer.type_heads).to(device).eval()
+    timing = {}
+    wall, cpu = timed(lambda: PA.policy_rollout(policy, few, R, tok.table, spacer, timing), device, repeats)
+    out.update(rates("sizes_policy_rollout_scenarios_per_s", worlds, wall, cpu))
+    out["sizes_policy_forward_scenarios_per_s"] = worlds * (repeats + 1) / timing["policy_s"]  # warm-up too
+    out["sizes_policy_params"] = n_policy = PA.count_parameters(policy)
+    for preset in cfgs:
+        for rate in ("", "_cpu"):                   # wall, and per CPU-second (steadier on a shared machine)
+            policy_rate = out[f"sizes_policy_rollout_scenarios_per_s{rate}"]
+            ref_rate = out[f"sizes_{preset}_reference_rollout_scenarios_per_s{rate}"]
+            out[f"sizes_speedup_vs_{preset}{rate}"] = policy_rate / ref_rate
+        out[f"sizes_smaller_vs_{preset}"] = out[f"sizes_{preset}_reference_params"] / n_policy
+    return out
+
+
 ROWS = [  # (key, row label, format)
     ("env_step_agent_steps_per_s", "env token step, {worlds} toy worlds", "{:,.0f} agent-steps/s"),
     ("env_step_obs_agent_steps_per_s", "env token step + observations, {worlds} toy worlds",
@@ -318,6 +381,24 @@ ROWS = [  # (key, row label, format)
     ("ppo_agent_steps_per_s", "training, SPACeR PPO (default SpacerConfig)", "{:,.0f} agent-steps/s"),
     ("rft_scored_rollouts_per_s", "training, RFT (MPO) step (default R1Config)", "{:.1f} scored rollouts/s"),
     ("spacer_rollout_scenarios_per_s", "spacer policy rollout, 8 scenes x 32", "{:.1f} scenarios/s"),
+    # --only sizes: the policy against the reference of each preset, 8 scenes x 32 each, random weights
+    ("sizes_policy_rollout_scenarios_per_s", "sizes: policy rollout with its simulator, 8 scenes x 32",
+     "{:.1f} scenarios/s"),
+    ("sizes_policy_forward_scenarios_per_s", "sizes: the policy's forward passes alone",
+     "{:.1f} scenarios/s"),
+    ("sizes_tutorial_reference_rollout_scenarios_per_s", "sizes: tutorial reference rollout, 8 scenes x 32",
+     "{:.1f} scenarios/s"),
+    ("sizes_paper_reference_rollout_scenarios_per_s", "sizes: paper reference rollout, 8 scenes x 32",
+     "{:.2f} scenarios/s"),
+    ("sizes_tutorial_bc_scenes_per_s", "sizes: tutorial reference BC step, 16 scenes", "{:.2f} scenes/s"),
+    ("sizes_paper_bc_scenes_per_s", "sizes: paper reference BC step, 16 scenes", "{:.3f} scenes/s"),
+    ("sizes_policy_params", "sizes: policy parameters", "{:,}"),
+    ("sizes_tutorial_reference_params", "sizes: tutorial reference parameters", "{:,}"),
+    ("sizes_paper_reference_params", "sizes: paper reference parameters", "{:,}"),
+    ("sizes_speedup_vs_tutorial", "sizes: policy faster than the tutorial reference", "{:.1f}x"),
+    ("sizes_smaller_vs_tutorial", "sizes: policy smaller than the tutorial reference", "{:.1f}x"),
+    ("sizes_speedup_vs_paper", "sizes: policy faster than the paper reference (paper: 9.4x)", "{:.1f}x"),
+    ("sizes_smaller_vs_paper", "sizes: policy smaller than the paper reference (paper: 49x)", "{:.1f}x"),
 ]
 
 
@@ -328,13 +409,13 @@ def main(argv=None) -> dict:
     p.add_argument("--runs", default="runs", help="where a trained SPACeR policy may be")
     p.add_argument("--out", default="runs/bench", help="where bench.json and bench.md go")
     p.add_argument("--json", default=None, help="also write the figures, under stable keys, to this file")
-    p.add_argument("--only", default="env,metric,rollouts,training,peer",
-                   help="comma-separated parts: env, metric, rollouts, training, peer")
+    p.add_argument("--only", default="env,metric,rollouts,training,peer,sizes",
+                   help="comma-separated parts: env, metric, rollouts, training, peer, sizes")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     parts = set(args.only.split(","))
-    unknown = parts - {"env", "metric", "rollouts", "training", "peer"}
+    unknown = parts - {"env", "metric", "rollouts", "training", "peer", "sizes"}
     if unknown:
         raise SystemExit(f"bench.py --only: unknown parts {sorted(unknown)}")
     cmd = "python bench.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
@@ -361,6 +442,8 @@ def main(argv=None) -> dict:
             fig.update(bench_training(toy32.to(device), model, tok, device))
         if "rollouts" in parts:
             fig.update(bench_spacer(Path(args.runs), toy32.select(slice(0, 8)).to(device), tok.table, device))
+    if "sizes" in parts:
+        fig.update(bench_sizes(toy32, device))
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name() if device.type == 'cuda' else f'{threads} CPU threads'
     md = [f"Device: {device} ({where}); "

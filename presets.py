@@ -1,10 +1,23 @@
-"""Presets: every stage's configuration in one place, and what --quick changes.
+"""Presets: every stage's configuration in one place, and what --quick and --preset change.
 
 The reference stage's settings are one dataclass, `ReferenceStageConfig`, whose defaults are the
 tutorial run (2 CPU cores, README: stage times); `quick_config` is its smoke-test size and
 `model_config` the reference_model.ReferenceConfig it builds. The other stages keep their full
 settings in their own module's config (ppo_anchor.SpacerConfig, r1_finetune.R1Config,
 evaluate.run_eval's arguments); what --quick changes in them is a dict here.
+
+Two presets (`--preset`):
+- tutorial (the default): a 372k-parameter reference that trains on 2 CPU cores in minutes.
+- paper: the papers' proportions, meant for a GPU (README: the paper preset, what it costs). The
+  reference is SMART-tiny's width and depth (D = 128, 8 heads of 16, 6 agent layers; SMART-R1
+  notes) with a 2 s temporal window and 64 map / 16 agent neighbours per token: about 3.8M
+  parameters, as SPACeR's 3.2M reference (SPACeR notes), 57x the 66,585-parameter policy (the
+  paper: 65k, 49x smaller). Training follows the papers where they say: AdamW at 5e-4 with
+  gradient clip 0.5 (SMART), 6 CAT-K epochs at 0.1x the rate (SPACeR), on 8x the tutorial's toy
+  training scenes. The policy and PPO settings stay the tutorial's: the policy already has the
+  paper's size. `--preset paper --quick` keeps the model's size and shrinks data and epochs to a
+  CPU smoke run. Each preset writes to its own runs folder (RUNS), and its name is saved with the
+  reference, so that a later stage never anchors to, fine-tunes or scores another preset's model.
 """
 from __future__ import annotations
 
@@ -16,6 +29,7 @@ import reference_model as RM
 @dataclass
 class ReferenceStageConfig:
     """The reference stage: data, tokens, model, BC, CAT-K and evaluation."""
+    preset: str = "tutorial"      # which preset these settings belong to (checked by every later stage)
     # data
     n_train: int = 256            # toy training scenes
     n_val: int = 32               # held-out toy scenes for validation loss and token accuracy
@@ -60,9 +74,24 @@ def quick_config() -> ReferenceStageConfig:
                                 batch_size=8, eval_R=4, lr=3e-3, catk_lr=3e-4)
 
 
-def reference_config(quick: bool) -> ReferenceStageConfig:
-    """The reference stage's settings: the tutorial default, or its --quick size."""
-    return quick_config() if quick else ReferenceStageConfig()
+# --preset paper: the reference at the papers' proportions (see the docstring), meant for a GPU
+PAPER = dict(preset="paper", n_train=2048, D=128, heads=8, layers=6, window=10, map_neighbours=64,
+             agent_neighbours=16, bc_epochs=32, lr=5e-4, batch_size=32, grad_clip=0.5, catk_epochs=6,
+             catk_lr=5e-5, eval_worlds=1024)
+# --preset paper --quick: the same model, a few scenes and one epoch of each phase (a CPU smoke run)
+PAPER_QUICK = dict(n_train=2, n_val=1, n_test=1, bc_epochs=1, catk_epochs=1, batch_size=2, eval_R=2,
+                   eval_worlds=8)
+PRESETS = ("tutorial", "paper")
+RUNS = dict(tutorial="runs", paper="runs/paper")   # each preset's default --runs folder
+
+
+def reference_config(preset: str, quick: bool) -> ReferenceStageConfig:
+    """The reference stage's settings of a preset, at full or --quick size."""
+    if preset == "paper":
+        return ReferenceStageConfig(**{**PAPER, **(PAPER_QUICK if quick else {})})
+    if preset == "tutorial":
+        return quick_config() if quick else ReferenceStageConfig()
+    raise ValueError(f"--preset: unknown preset {preset!r}, choose from {PRESETS}")
 
 
 def model_config(cfg: ReferenceStageConfig) -> RM.ReferenceConfig:

@@ -1,10 +1,10 @@
 """The one entry point: python train.py --stage reference|spacer|r1|eval|all
 
 Each stage is a plain function `stage_<name>(args)` that reads like its paper's algorithm: data,
-model, loop, save. The presets (every stage's configuration and what --quick changes) are in
-presets.py; `open_run` does the resume bookkeeping of every stage. Every stage writes checkpoints
-atomically, keeps a JSON log, continues with --resume (and does nothing when its work is complete),
-and prints where its files went.
+model, loop, save. The presets (every stage's configuration, what --quick changes, and
+--preset tutorial|paper: the papers' proportions, for a GPU) are in presets.py; `open_run` does the
+resume bookkeeping of every stage. Every stage writes checkpoints atomically, keeps a JSON log,
+continues with --resume (and does nothing when its work is complete), and prints where its files went.
 
 reference  The centralized next-token reference model (reference_model.py) on toy scenes: fit
            the motion tokenizer on the training split, behaviour cloning (BC), then CAT-K
@@ -23,6 +23,7 @@ all        reference, spacer (PPO, HR-PPO, SPACeR), r1 and eval in order, resumi
     python train.py --stage all --quick            # a smoke run of the whole pipeline
     python train.py --stage reference --resume     # continue from the last saved epoch
     python train.py --stage reference --overwrite  # start over where an earlier run's files are
+    python train.py --stage all --preset paper     # a 3.8M-parameter reference, in runs/paper (a GPU)
 
 The bookkeeping (refusing to overwrite, --resume, finite checks, flags) lives in runs.py, and
 `torchrun --nproc_per_node N train.py ...` (data-parallel: README, More than one machine) in distributed.py.
@@ -47,8 +48,8 @@ import r1_finetune as R1
 import reference_model as RM
 import scenes as S
 from hr_ppo import train_bc
-from presets import (EVAL_QUICK, R1_QUICK, SPACER_QUICK, SPACER_QUICK_TEST, ReferenceStageConfig, model_config,
-                     reference_config)
+from presets import (EVAL_QUICK, PRESETS, R1_QUICK, RUNS, SPACER_QUICK, SPACER_QUICK_TEST,
+                     ReferenceStageConfig, model_config, reference_config)
 from runs import (Run, check_finite, device_flag, finite_steps, load_checkpoint, number, open_run,
                   pick_device, print_r1_tables, save_policy, save_reference, save_rft, score_once,
                   score_reference_once, timed)
@@ -65,7 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="reference | spacer | r1 | eval | all")
     p.add_argument("--device", default="auto", type=device_flag,
                    help="auto (CUDA when present) | cpu | cuda[:N]")
-    p.add_argument("--runs", default="runs", help="folder for checkpoints and logs")
+    p.add_argument("--preset", default="tutorial", choices=PRESETS,
+                   help="tutorial (2 CPU cores) | paper (the papers' proportions, for a GPU; presets.py)")
+    p.add_argument("--runs", default=None,
+                   help="folder for checkpoints and logs (default: runs, runs/paper for --preset paper)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue an interrupted run from its last save")
     again.add_argument("--overwrite", action="store_true",
@@ -86,6 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rft-lr", type=number(float, 0.0, strict=True), default=None,
                    help="r1 stage: RFT learning rate (default: config); writes runs/r1/seed<S>_lr<LR>")
     args = p.parse_args(argv)
+    args.runs = RUNS[args.preset] if args.runs is None else args.runs
     if args.stage == "all" and not args.overwrite:
         args.resume = True                 # the main job picks up whatever an earlier run finished
     anchored = any(getattr(args, k) not in (None, 0.0) for k in ("alpha", "beta"))
@@ -105,6 +110,23 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
     if step < warm:
         return peak * (step + 1) / warm
     return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+
+def same_preset(saved: ReferenceStageConfig, path: Path, preset: str) -> ReferenceStageConfig:
+    """`saved`, the reference settings stored in `path`, when they are of this run's preset: runs of
+    two presets never mix (no policy anchored to, no model tuned from, no score of another's reference)."""
+    if saved.preset != preset:
+        raise SystemExit(f"{path}: a reference of --preset {saved.preset} (D = {saved.D}, {saved.layers} "
+                         f"layers), but this run is --preset {preset}: give each preset its own --runs "
+                         f"folder (default {RUNS[preset]}), or retrain it: --stage reference --preset "
+                         f"{preset} --overwrite")
+    return saved
+
+
+def reference_settings(path: Path, preset: str) -> ReferenceStageConfig:
+    """The reference stage's settings saved with checkpoint `path`, refused when of another preset."""
+    saved = ReferenceStageConfig(**load_checkpoint(path, ("stage_cfg",))["stage_cfg"])
+    return same_preset(saved, path, preset)
 
 
 @torch.no_grad()
@@ -173,10 +195,11 @@ def stage_reference(args) -> dict:
     device = pick_device(args.device)
     run = replace(open_run(args, "reference", marks=("bc.pt", "catk.pt")), writer=D.is_writer())
     bc_path, catk_path = run.dir / "bc.pt", run.dir / "catk.pt"
-    cfg = replace(reference_config(args.quick), seed=args.seed)
+    cfg = replace(reference_config(args.preset, args.quick), seed=args.seed)
     ck = run.checkpoint("catk.pt") or run.checkpoint("bc.pt")       # the latest phase saved
     if ck is not None:
-        saved = ReferenceStageConfig(**ck["stage_cfg"])
+        saved = same_preset(ReferenceStageConfig(**ck["stage_cfg"]), run.dir / f"{ck['phase']}.pt",
+                            args.preset)
         if saved != cfg:
             print(f"--resume: continuing with the configuration saved in {run.dir / (ck['phase'] + '.pt')}")
         cfg = saved
@@ -309,7 +332,10 @@ def stage_spacer(args) -> dict:
 
     # ---- data: the reference's own training logs (as tokens) and test scenes -------------------
     ref, tok, _ = RM.load_reference(ref_path, device)
-    ref_stage = ReferenceStageConfig(**load_checkpoint(ref_path, ("stage_cfg",))["stage_cfg"])
+    ref_stage = reference_settings(ref_path, args.preset)
+    if state is not None and state["K"] != tok.K:          # e.g. a --quick policy over another vocabulary
+        raise SystemExit(f"{run.dir / 'policy.pt'}: a policy over {state['K']} tokens per type, but the "
+                         f"reference {ref_path} has K = {tok.K}: rerun with --overwrite")
     data = toy_splits(ref_stage.n_train, ref_stage.n_val, ref_stage.n_test, ref_stage.data_seed,
                       ref_stage.cache_dir)
     train_scenes = data["train"].to(device)
@@ -430,7 +456,7 @@ def stage_r1(args) -> dict:
     torch.manual_seed(cfg.seed)
 
     # ---- data, the tokenizer, the SFT settings (the reference stage's CAT-K settings) ------------
-    ref_cfg = ReferenceStageConfig(**load_checkpoint(bc_path, ("stage_cfg",))["stage_cfg"])
+    ref_cfg = reference_settings(bc_path, args.preset)
     with D.writer_first():
         data = toy_splits(ref_cfg.n_train, ref_cfg.n_val, ref_cfg.n_test, ref_cfg.data_seed,
                           ref_cfg.cache_dir)
@@ -507,6 +533,8 @@ def stage_eval(args) -> dict:
     """Every method side by side (evaluate.run_eval): held-out toy and real WOMD scenes, R = 32 rollouts
     each; runs/eval/results.{md,json} and pictures; a missing checkpoint is listed. --quick: EVAL_QUICK."""
     quick = EVAL_QUICK if args.quick else {}
+    if (Path(args.runs) / "reference" / "bc.pt").is_file():
+        reference_settings(Path(args.runs) / "reference" / "bc.pt", args.preset)
     return E.run_eval(args.runs, pick_device(args.device), seed=args.seed, **quick)
 
 

@@ -33,16 +33,12 @@ Baselines from the same code (`SpacerConfig.anchor`):
   KL, the direction of SPACeR's camera-ready HR-PPO: it makes pi cover every token pi_BC likes).
 - "spacer": the anchors above; defaults alpha = 0, beta = 0.1, the paper's best setting (Fig. 3:
   beta = 0.1 beats 0.01 and 1; Table A2: the likelihood reward adds nothing on top of the KL,
-  .74 either way; Fig. A1: alpha = 0.1 alone collapses the policy's entropy). Measured on the toy
-  default (README): beta = 0.1 gives realism meta .650, beta = 1 gives .592 (the policy then
-  copies the reference's collisions more than the task reward removes them).
+  .74 either way; Fig. A1: alpha = 0.1 alone collapses the policy's entropy). README: the toy sweep.
 
-Goal reached = done (env.py, `at_goal="stop"`): as in GPUDrive, where SPACeR trains, an agent
-that reaches its goal is done: w_goal is its last reward (no penalty, no likelihood reward after
-it), d_t = 1 at that step so its advantages do not bootstrap through V of the parked state, and
-its later steps leave the PPO loss, the anchors and the return statistics (`alive` [N, B, A]).
-It stays in the world parked at its goal (GPUDrive's WOSAC setting), so every rollout still has
-positions for all 80 steps of every scored agent.
+Goal reached = done (env.py, `at_goal="stop"`), as in GPUDrive where SPACeR trains: w_goal is the
+agent's last reward, d_t = 1 at that step (no bootstrapping through the parked state), and its later
+steps leave the loss, the anchors and the return statistics (`alive` [N, B, A]). It stays parked at
+its goal (GPUDrive's WOSAC setting), so every scored agent still has positions for all 80 steps.
 
 Scaled to a tutorial: 16 worlds x 40 steps per rollout, minibatches of 512, learning rate 1e-3,
 and rewards divided by a running std of the return (`ReturnScaler`; the per-step collision and
@@ -51,13 +47,11 @@ actor's in the shared trunk). The rest is SPACeR's Table A3 (gamma 0.99, lambda 
 4 epochs, value coefficient 0.3, entropy 1e-4, gradient norm 0.5). Only controlled agents act
 and enter the loss; the others replay their log.
 
-Sampling: training and evaluation both sample a_t ~ pi(.|o_t) from the full softmax
-(`sample_tokens`, `eval_top_k = 0`). PPO's ratio, its entropy and the KL anchor are all
-computed for that distribution, so it is the policy that was trained. The paper trains with
-a_t ~ pi_theta(.|o_t) (its PPO on GPUDrive) but reports evaluation with top-1 and top-5 sampling
-(Fig. 3 / Table R3: top-5 higher), i.e. a truncated policy that was never trained: we keep the
-two consistent instead, and `eval_top_k = k` reproduces the paper's choice as an opt-in ablation. (The reference model is a
-different case: it is trained by likelihood, not by RL, and its rollouts keep SMART's top-k.)
+Sampling: training and evaluation both sample a_t ~ pi(.|o_t) from the full softmax (`sample_tokens`,
+`eval_top_k = 0`): PPO's ratio, entropy and KL anchor are computed for it, so it is the trained policy.
+The paper trains the same way but evaluates with top-1 / top-5 (Fig. 3, Table R3), a truncated policy
+that was never trained; `eval_top_k = k` is that choice as an opt-in. (The reference, trained by
+likelihood rather than RL, keeps SMART's top-k rollouts.)
 
 Policy: GPUDrive's late-fusion MLP. The ego, the partners and the road points each go through
 Linear-LayerNorm-Tanh-Linear (width 64); partners and road points are max-pooled over their
@@ -66,8 +60,8 @@ is ours, GPUDrive has a plain Linear there) and read by an actor and a critic. T
 different motions for different agent types, so by default the actor has one head per agent
 type (SPACeR's VRU variant, Table A1: .729 with it, .685 without): 66,585 parameters at K = 200,
 the paper's "about 65k". GPUDrive's 128 hidden units would give 117,401 (`--hidden 128`), and
-`type_heads=False` the single-head policy of the paper's vehicle-only runs.
-GPUDrive's 0.01 dropout is left out: it would make the PPO ratio noisy.
+`type_heads=False` the single-head policy of the paper's vehicle-only runs. GPUDrive's 0.01
+dropout is left out: it would make the PPO ratio noisy.
 
 Goal dropout (SPACeR Sec. 3): for a fraction of the agents the goal features of the ego
 observation are zeroed for a whole episode, while the goal reward is still paid, so the policy
@@ -158,11 +152,9 @@ def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -
 
 
 class InputLinear(nn.Linear):
-    """nn.Linear for a narrow input (the 10-12 raw features of a road point, partner or ego), the
-    same function and parameters. Only the layout of the product differs: with mat2 = W^T stored
-    contiguously, autograd forms the weight gradient as x^T g ([d_in, N] x [N, d_out]) instead of
-    g^T x ([d_out, N] x [N, d_in]); on CPU (MKL) the latter is several times slower for d_in ~ 10 and
-    N = 32k rows (one minibatch of road points), and it was the costliest matmul of the PPO update."""
+    """nn.Linear (same function and parameters) for a narrow input of ~10 raw features: with W^T
+    contiguous, autograd forms the weight gradient as x^T g instead of g^T x, which MKL runs several
+    times slower at N = 32k rows; it was the PPO update's costliest matmul (README, speed)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.addmm(self.bias, x.reshape(-1, self.in_features), self.weight.t().contiguous())  # [N, d]
@@ -175,10 +167,9 @@ def embed_mlp(d_in: int, d: int) -> nn.Sequential:
 
 
 def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Max over the set dim of x [..., P, D] where mask [..., P]; an empty set gives zeros.
-    amax rather than max(-2).values: the same values without the arg-max indices, whose strided
-    reduction cost more than the matmul before it. Its gradient is split among exactly tied
-    entries, which only identical inputs produce, so the parameters' gradients are the same."""
+    """Max over the set dim of x [..., P, D] where mask [..., P]; an empty set gives zeros. amax, not
+    max().values: the same values without the costly arg-max indices (its gradient splits only among
+    exact ties, which only identical inputs produce)."""
     pooled = x.masked_fill(~mask.unsqueeze(-1), -1e9).amax(-2)                 # [..., D]
     return torch.where(mask.any(-1, keepdim=True), pooled, torch.zeros_like(pooled))
 

@@ -162,8 +162,7 @@ class InputLinear(nn.Linear):
 
 
 def embed_mlp(d_in: int, d: int) -> nn.Sequential:
-    return nn.Sequential(layer_init(InputLinear(d_in, d)), nn.LayerNorm(d), nn.Tanh(),
-                         layer_init(nn.Linear(d, d)))
+    return nn.Sequential(layer_init(InputLinear(d_in, d)), nn.LayerNorm(d), nn.Tanh(), layer_init(nn.Linear(d, d)))
 
 
 def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

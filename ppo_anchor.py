@@ -63,9 +63,8 @@ the paper's "about 65k". GPUDrive's 128 hidden units would give 117,401 (`--hidd
 `type_heads=False` the single-head policy of the paper's vehicle-only runs. GPUDrive's 0.01
 dropout is left out: it would make the PPO ratio noisy.
 
-Goal dropout (SPACeR Sec. 3): for a fraction of the agents the goal features of the ego
-observation are zeroed for a whole episode, while the goal reward is still paid, so the policy
-also learns to drive without a goal.
+Goal dropout (SPACeR Sec. 3): for a fraction of the agents the ego's goal features are zeroed for a
+whole episode while the goal reward is still paid, so the policy also learns to drive without one.
 """
 from __future__ import annotations
 
@@ -162,7 +161,8 @@ class InputLinear(nn.Linear):
 
 
 def embed_mlp(d_in: int, d: int) -> nn.Sequential:
-    return nn.Sequential(layer_init(InputLinear(d_in, d)), nn.LayerNorm(d), nn.Tanh(), layer_init(nn.Linear(d, d)))
+    first = layer_init(InputLinear(d_in, d))
+    return nn.Sequential(first, nn.LayerNorm(d), nn.Tanh(), layer_init(nn.Linear(d, d)))
 
 
 def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -331,8 +331,8 @@ def stage_spacer(args) -> dict:
     run.log = dict(config=asdict(cfg), reference=str(ref_path))
 
     # ---- data: the reference's own training logs (as tokens) and test scenes -------------------
-    ref, tok, _ = RM.load_reference(ref_path, device)
     ref_stage = reference_settings(ref_path, args.preset)
+    ref, tok, _ = RM.load_reference(ref_path, device)
     if state is not None and state["K"] != tok.K:          # e.g. a --quick policy over another vocabulary
         raise SystemExit(f"{run.dir / 'policy.pt'}: a policy over {state['K']} tokens per type, but the "
                          f"reference {ref_path} has K = {tok.K}: rerun with --overwrite")

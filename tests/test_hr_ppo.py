@@ -10,14 +10,6 @@ from toy_scenes import make_toy_scenes
 K = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def splits():
     """Split A (training) and split B (held out): different scenes, one tokenizer fitted on A."""

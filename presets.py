@@ -45,12 +45,12 @@ class ReferenceStageConfig:
     layers: int = 2               # agent layers (temporal -> map -> agent attention each)
     dropout: float = 0.1          # dropout in attention and feed-forward outputs
     window: int = 4               # temporal attention span, token steps (0.8 s at 5 Hz)
-    map_neighbours: int = 10      # map tokens per agent
+    map_neighbours: int = 32      # map tokens per agent (10 reached 6 m and missed road edges; README: diagnosis)
     agent_neighbours: int = 6     # other agents per agent
     # behaviour cloning
     bc_epochs: int = 12           # epochs of next-token cross-entropy on the logs
     lr: float = 3e-3              # AdamW peak learning rate for BC
-    batch_size: int = 16          # scenes per gradient step
+    batch_size: int = 4           # scenes per gradient step (BC is step-limited: 4x the steps of 16 at equal cost)
     weight_decay: float = 0.01    # AdamW weight decay
     warmup_frac: float = 0.05     # fraction of a phase's steps with linear warm-up, then cosine decay
     grad_clip: float = 1.0        # gradient norm clip

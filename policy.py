@@ -64,14 +64,14 @@ WINNER_CHUNK = 128  # samples per no-grad pass in winners_max: [128, 64, 64] flo
 @torch.no_grad()
 def first_max(net: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """p*(s, d), the first valid element p where net(x)[s, p, d] is the channel's max over the set:
-    x [S, P, F], mask [S, P] -> [S, D] (P - 1 for an empty set, whose pooled value is zeroed).
+    x [S, P, F], mask [S, P] -> [S, D] (some p of an empty set: its pooled value is zeroed).
     From amax alone (an arg-max over P is 30x slower): is_max * (P - p) peaks at the first max."""
     P = x.shape[1]
     y = net(x)                                                                    # [S, P, D]
     y.masked_fill_(~mask.unsqueeze(-1), float("-inf"))
-    is_max = y.sub_(y.amax(-2, keepdim=True)).eq_(0)                              # [S, P, D] 1.0 / 0.0
+    is_max = y.eq_(y.amax(-2, keepdim=True))                                      # [S, P, D] 1.0 / 0.0
     first = is_max.mul_(torch.arange(P, 0, -1, dtype=y.dtype, device=y.device).unsqueeze(1))  # [S, P, D]
-    return (P - first.amax(-2)).long().clamp_(max=P - 1)                          # [S, D]
+    return (P - first.amax(-2)).long().clamp_(max=P - 1)  # [S, D]; clamp: a NaN channel has no max
 
 
 def winners_max(net: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -75,11 +75,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from env import EGO_DIM, PARTNER_DIM, ROAD_DIM, EnvConfig, MultiAgentEnv
+from env import EnvConfig, MultiAgentEnv
+from policy import (InputLinear, LateFusionPolicy, count_parameters, embed_mlp,  # noqa: F401 (PA.*)
+                    layer_init, masked_max, pooled_embed)
 from scenes import NOW, T, Scenes, check_finite, read_file
 
 GOAL_FEATURES = slice(6, 9)  # goal x, goal y, goal distance in env.observe's ego layout
-N_TYPES = 3                  # vehicle, pedestrian, cyclist
 ANCHORS = ("spacer", "ppo", "hr-ppo")
 
 
@@ -139,70 +140,6 @@ def anchor_config(anchor: str, **overrides) -> SpacerConfig:
     cfg = SpacerConfig(**{**base, **overrides})
     check_config(cfg)
     return cfg
-
-
-# --------------------------------------------------------------------------------------------
-# The decentralized policy: GPUDrive's late-fusion MLP
-# --------------------------------------------------------------------------------------------
-def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Linear:
-    nn.init.orthogonal_(layer.weight, std)
-    nn.init.constant_(layer.bias, bias)
-    return layer
-
-
-class InputLinear(nn.Linear):
-    """nn.Linear (same function and parameters) for a narrow input of ~10 raw features: with W^T
-    contiguous, autograd forms the weight gradient as x^T g instead of g^T x, which MKL runs several
-    times slower at N = 32k rows; it was the PPO update's costliest matmul (README, speed)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.addmm(self.bias, x.reshape(-1, self.in_features), self.weight.t().contiguous())  # [N, d]
-        return y.view(*x.shape[:-1], self.out_features)                           # [..., d]
-
-
-def embed_mlp(d_in: int, d: int) -> nn.Sequential:
-    first = layer_init(InputLinear(d_in, d))
-    return nn.Sequential(first, nn.LayerNorm(d), nn.Tanh(), layer_init(nn.Linear(d, d)))
-
-
-def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Max over the set dim of x [..., P, D] where mask [..., P]; an empty set gives zeros. amax, not
-    max().values: the same values without the costly arg-max indices (its gradient splits only among
-    exact ties, which only identical inputs produce)."""
-    pooled = x.masked_fill(~mask.unsqueeze(-1), -1e9).amax(-2)                 # [..., D]
-    return torch.where(mask.any(-1, keepdim=True), pooled, torch.zeros_like(pooled))
-
-
-class LateFusionPolicy(nn.Module):
-    """pi(a | o) over the K tokens of the agent's type, and V(o)."""
-
-    def __init__(self, K: int, embed: int = 64, hidden: int = 64, type_heads: bool = True):
-        super().__init__()
-        self.K, self.n_heads = K, N_TYPES if type_heads else 1
-        self.ego_net = embed_mlp(EGO_DIM, embed)
-        self.partner_net = embed_mlp(PARTNER_DIM, embed)
-        self.road_net = embed_mlp(ROAD_DIM, embed)
-        self.shared = nn.Sequential(layer_init(nn.Linear(3 * embed, hidden)), nn.Tanh())
-        self.actor = layer_init(nn.Linear(hidden, self.n_heads * K), std=0.01)  # near-uniform start
-        self.critic = layer_init(nn.Linear(hidden, 1), std=1.0)
-
-    def forward(self, obs: dict, agent_type: torch.Tensor) -> tuple:
-        """obs tensors with leading dims [...] (e.g. [B, A]), agent_type [...] ->
-        (logits [..., K], value [...])."""
-        ego = self.ego_net(obs["ego"])                                            # [..., D]
-        partners = masked_max(self.partner_net(obs["partners"]), obs["partner_mask"])  # [..., D]
-        road = masked_max(self.road_net(obs["road"]), obs["road_mask"])           # [..., D]
-        h = self.shared(torch.cat([ego, partners, road], -1))                     # [..., H]
-        heads = self.actor(h).unflatten(-1, (self.n_heads, self.K))               # [..., heads, K]
-        head = (agent_type.clamp(0, self.n_heads - 1) if self.n_heads > 1
-                else torch.zeros_like(agent_type))                                # [...]
-        pick = head[..., None, None].expand(*head.shape, 1, self.K)               # [..., 1, K]
-        logits = heads.gather(-2, pick).squeeze(-2)                               # [..., K]
-        return logits, self.critic(h).squeeze(-1)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +204,7 @@ def n_policy_steps(spt: int) -> int:
     return (T - 1 - NOW) // spt                                                   # 40 at spt = 2
 
 
-FORWARD_CHUNK = 512  # agents per policy call in rollouts (see controlled_forward)
+FORWARD_CHUNK = 128  # agents per policy call in rollouts (see controlled_forward)
 
 
 def controlled_forward(net: LateFusionPolicy, obs: dict, agent_type: torch.Tensor,
@@ -277,8 +214,8 @@ def controlled_forward(net: LateFusionPolicy, obs: dict, agent_type: torch.Tenso
 
     Rows are independent, so the M agents go through in chunks of FORWARD_CHUNK: one call over a
     whole step (16 worlds: M ~ 2,800, a [M, 64, 64] road activation of 46 MB) runs out of cache and
-    re-faults fresh pages at every layer; 512-row chunks give the same numbers (tested) markedly
-    faster on CPU (README, "Speed and size")."""
+    re-faults fresh pages at every layer; 128-row chunks (a [128, 64, 64] activation, 2 MB, stays in
+    the L2 cache) give the same numbers (tested) markedly faster on CPU (README, "Speed and size")."""
     obs = {k: v[ctrl] for k, v in obs.items()}                                   # [M, ...]
     agent_type = agent_type[ctrl]                                                 # [M]
     M = agent_type.shape[0]

@@ -116,11 +116,12 @@ def kinematic_validity(valid: torch.Tensor):
 # ==============================================================================================
 # 3.2 / 3.3 Distance to the nearest object, collision, time to collision
 # ==============================================================================================
-def _interaction_features(pos, yaw, valid, size, speed, slots):
+def _interaction_features(pos, yaw, valid, size, speed, slots, slot_ok=None):
     """Distance to the nearest object and TTC of the slot agents against every agent.
 
     pos [B, R, A, T, 2], yaw/valid/speed [B, R, A, T] (valid already False for non-sim agents;
     speed: 2D central-difference speed), size [B, A, 3], slots [B, M] -> two [B, R, M, T].
+    slot_ok [B, M] (optional): padding slots, which nobody reads, get BIG and 5 s without any work.
 
     Only the pairs that can matter are listed: (scene, slot, agent) with the agent valid somewhere
     in the scene (a sim agent) and not the slot's own agent. A WOMD batch pads A to its largest
@@ -131,6 +132,8 @@ def _interaction_features(pos, yaw, valid, size, speed, slots):
     M, N, dev = slots.shape[1], R * Tn, pos.device
     obstacle = valid.any(dim=3).any(dim=1)                                # [B, A] ever valid
     pair = obstacle.unsqueeze(1) & (slots.unsqueeze(-1) != torch.arange(A, device=dev))  # [B, M, A]
+    if slot_ok is not None:
+        pair = pair & slot_ok.unsqueeze(-1)                               # [B, M, A]
     pb, pm, pj = pair.nonzero(as_tuple=True)                              # [Np] each
     row = pb * M + pm                                                     # [Np] output row (scene, slot)
     gi = pb * A + slots[pb, pm]                                           # [Np] flat slot agent
@@ -280,10 +283,12 @@ def _red_light_violation(scenes, pos, valid):
 # ==============================================================================================
 # 2. Per-step features of 91-step trajectories
 # ==============================================================================================
-def _features(scenes, pos, z, yaw, valid, slots, table) -> dict:
+def _features(scenes, pos, z, yaw, valid, slots, table, slot_ok=None) -> dict:
     """Features of the slot agents slots [B, M] on the 80 future steps, from 91-step trajectories
     pos [B, R, A, T, 2], z/yaw/valid [B, R, A, T] (valid: False for agents that are not sim agents,
-    so they are no obstacles). Returns a dict of [B, R, M, 80]."""
+    so they are no obstacles). Returns a dict of [B, R, M, 80]. Padding slots (slot_ok [B, M] False)
+    are only read through masks that exclude them: their interaction and road-edge values are
+    placeholders (BIG, 5 s, -BIG) that cost nothing."""
     size = scenes.size                                                    # [B, A, 3]
     fut = slice(NOW + 1, T)
     e_pos, e_z, e_yaw, e_valid = (take(x, slots, 2) for x in (pos, z, yaw, valid))  # [B, R, M, T, (2)]
@@ -293,12 +298,14 @@ def _features(scenes, pos, z, yaw, valid, slots, table) -> dict:
     # TTC speeds are 2D (z = 0) central differences over the 91 steps: NaN at the last step -> 5 s
     speed2d = torch.sqrt(central_diff(pos[..., 0]) ** 2 + central_diff(pos[..., 1]) ** 2) / DT  # [B, R, A, T]
     dist, ttc = _interaction_features(pos[..., fut, :], yaw[..., fut], valid[..., fut], size,  # [B, R, M, 80]
-                                      speed2d[..., fut], slots)
+                                      speed2d[..., fut], slots, slot_ok)
 
     # road edges of valid boxes only; invalid ones are queried on the scene's first road edge (a
     # place near the road keeps the pruning tight) and masked to -BIG afterwards
     B, R, M = e_z.shape[:3]
     fv = e_valid[..., fut]                                                # [B, R, M, 80]
+    if slot_ok is not None:
+        fv = fv & slot_ok[:, None, :, None]                               # [B, R, M, 80] padding: no search
     e_size = take(size, slots, 1)[:, None, :, None].expand(B, R, M, T_FUTURE, 3)  # [B, R, M, 80, 3]
     anchor = table["a"][:, 0] if table["a"].shape[1] else pos.new_zeros(B, 3)  # [B, 3]
     # [B, R, M, 80, 2]
@@ -317,7 +324,7 @@ def _features(scenes, pos, z, yaw, valid, slots, table) -> dict:
         "time_to_collision": ttc,
         "distance_to_road_edge": road, "offroad_per_step": road > 0.0,
         "traffic_light_violation_per_step": _red_light_violation(scenes, e_pos, e_valid),
-        "valid": e_valid[..., fut],
+        "valid": e_valid[..., fut] if slot_ok is None else e_valid[..., fut] & slot_ok[:, None, :, None],
     }
 
 
@@ -440,8 +447,8 @@ def score_rollouts(scenes, sim_pos, sim_z, sim_yaw, version: str = "2025") -> di
         torch.cat([hist(scenes.z), sim_z.float()], dim=3),                # [B, R, A, T]
         torch.cat([hist(scenes.yaw), sim_yaw.float()], dim=3),            # [B, R, A, T]
         torch.cat([hist(scenes.valid), future_valid], dim=3))             # [B, R, A, T]
-    f_log = _features(scenes, *log, slots, table)                         # [B, 1, M, 80]
-    f_sim = _features(scenes, *sim, slots, table)                         # [B, R, M, 80]
+    f_log = _features(scenes, *log, slots, table, slot_ok)                # [B, 1, M, 80]
+    f_sim = _features(scenes, *sim, slots, table, slot_ok)                # [B, R, M, 80]
 
     # masks: the log's future validity of scored objects masks everything, simulated values included
     valid = f_log["valid"][:, 0] & slot_ok[..., None]                     # [B, M, 80]

@@ -41,7 +41,8 @@ import time
 import torch
 
 from geometry import (BIG, CHUNK, compact, div_no_nan, dot2, gather_rows, nearest_segments, relative_pose_cs,
-                      road_edge_distance_many, road_edge_table, rounded_box_distance, take)
+                      road_edge_table, rounded_box_distance, take)
+from road_edge_search import road_edge_distance
 from scenes import DT, LANE, NOW, SURFACE_STREET_LANE, T, T_FUTURE, wrap_angle
 
 # ---- constants of the official code (section numbers of wosac.md) ----------------------------
@@ -313,8 +314,8 @@ def _features(scenes, pos, z, yaw, valid, slots, table, slot_ok=None) -> dict:
     # [B, R, M, 80]
     q_z = torch.where(fv, e_z[..., fut], anchor[:, None, None, None, 2] + 0.5 * e_size[..., 2])
     q_yaw = torch.where(fv, e_yaw[..., fut], torch.zeros_like(q_z))      # [B, R, M, 80]
-    road = road_edge_distance_many(q_pos.reshape(B, -1, 2), q_z.reshape(B, -1), q_yaw.reshape(B, -1),
-                                    e_size.reshape(B, -1, 3), table, track=TRACK)  # [B, R M 80]
+    road = road_edge_distance(q_pos.reshape(B, -1, 2), q_z.reshape(B, -1), q_yaw.reshape(B, -1),
+                              e_size.reshape(B, -1, 3), table, track=TRACK)  # [B, R M 80]
     road = road.view(B, R, M, T_FUTURE)                                   # [B, R, M, 80]
     road = torch.where(fv, road, torch.full_like(road, -BIG))             # [B, R, M, 80]
     return {

@@ -65,6 +65,18 @@ def _group_table(a, b, ok, G: int):
     return centre.flatten(0, 1), radius.flatten(), (n_seg > 0).flatten(), Gn, pack, seg_id
 
 
+def _segment_sq_distance(qp, gid, pack, seg_id):
+    """Squared selection distance (3.4, z stretched) of points qp [X, 3] to the G segments of
+    groups gid [X], with exactly the ops of geometry.nearest_segments -> the smallest [X] and its
+    segment id [X] (the first on ties, ids ascend within a group)."""
+    ax, ay, az, dx, dy, dz, il = (w.index_select(0, gid) for w in pack)  # [X, G] each
+    qax, qay, qaz = qp[:, 0:1] - ax, qp[:, 1:2] - ay, qp[:, 2:3] - az    # [X, G]
+    t = ((qax * dx + qay * dy) * il).clamp(0.0, 1.0) * -1.0              # [X, G]
+    d = (qax + dx * t) ** 2 + (qay + dy * t) ** 2 + (qaz + dz * t) ** 2  # [X, G] squared
+    d_min, at = d.min(-1)                                                 # [X]
+    return d_min, seg_id.index_select(0, gid).gather(1, at.unsqueeze(1)).squeeze(1)
+
+
 def nearest_edge_per_corner(corners, a, b, ok, track: int, G: int = EDGE_GROUP):
     """Nearest segment of every box corner: corners [B, Q, 4, 3] (z already stretched), segments
     a, b [B, E, 3] (stretched), ok [B, E] -> idx [B, Q, 4] into E (0 where a scene has none).
@@ -107,41 +119,40 @@ def nearest_edge_per_corner(corners, a, b, ok, track: int, G: int = EDGE_GROUP):
             groups = lb.index_select(0, rows).topk(k, dim=-1, largest=False).indices.sort(dim=-1).values
             groups = groups + group_base.index_select(0, rows).unsqueeze(1)  # [n, k]
             rid = row_id.index_select(0, rows)                            # [n]
-            # boxes: the same bound per box centre, with rho_b
+            # boxes: the same bound per box centre, with rho_b, against an exact upper bound: the
+            # corners' distances to the segments of the box's most promising group
             mb = m_b.index_select(0, rid)                                 # [n, track, 3]
             cg = centre.index_select(0, groups.flatten()).view(-1, k, 3)  # [n, k, 3]
             d_b = torch.cdist(mb, cg, compute_mode="donot_use_mm_for_euclid_dist")  # [n, track, k]
             r_g = radius.index_select(0, groups.flatten()).view(-1, 1, k)  # [n, 1, k]
             in_g = g_ok.index_select(0, groups.flatten()).view(-1, 1, k)  # [n, 1, k]
             lb_b = torch.where(in_g, (d_b - r_g).clamp(min=0.0), math.inf)  # [n, track, k]
-            ub_b = torch.where(in_g, d_b + r_g, math.inf).amin(-1)        # [n, track]
-            bound_b = _margin(ub_b + 2.0 * rho_b.index_select(0, rid))    # [n, track]
-            bx, slot = (lb_b <= bound_b.unsqueeze(-1)).view(-1, k).nonzero(as_tuple=True)  # [Nb] box, group
-            g2 = groups.view(-1).index_select(0, (bx // track) * k + slot)  # [Nb] flat group ids
-            # corners: the test once more per corner (rho = 0) among its box's kept groups
+            first = lb_b.argmin(-1, keepdim=True)                         # [n, track, 1]
+            g1 = groups.gather(1, first.view(-1, track)).view(-1)         # [n track] flat group ids
             box_flat = rid.unsqueeze(1) * track + torch.arange(track, device=dev)  # [n, track] into B N track
-            qb = box.view(-1, 4, 3).index_select(0, box_flat.view(-1).index_select(0, bx))  # [Nb, 4, 3]
+            qb_all = box.view(-1, 4, 3).index_select(0, box_flat.view(-1))  # [n track, 4, 3]
+            d1, s1 = _segment_sq_distance(qb_all.view(-1, 3), g1.repeat_interleave(4), pack, seg_id)  # [n track 4]
+            ub_c = torch.sqrt(d1).view(-1, 4)                             # [n track, 4] exact upper bounds
+            bound_b = _margin(ub_c.amax(-1).view(-1, track) + rho_b.index_select(0, rid))  # [n, track]
+            keep_b = lb_b <= bound_b.unsqueeze(-1)                        # [n, track, k]
+            keep_b.scatter_(-1, first, False)                             # measured already
+            bx, slot = keep_b.view(-1, k).nonzero(as_tuple=True)          # [Nb] box, group
+            g2 = groups.view(-1).index_select(0, (bx // track) * k + slot)  # [Nb] flat group ids
+            # corners: the test once more per corner (rho = 0), against its exact upper bound
+            qb = qb_all.index_select(0, bx)                               # [Nb, 4, 3]
             d_c = _norm3(qb - centre.index_select(0, g2).unsqueeze(1))    # [Nb, 4]
             r_c = radius.index_select(0, g2).unsqueeze(1)                 # [Nb, 1]
-            pt = (bx.unsqueeze(1) * 4 + torch.arange(4, device=dev))      # [Nb, 4] corner in batch
+            lb_c = (d_c - r_c).clamp(min=0.0)                             # [Nb, 4]
+            pair, corner = (lb_c <= _margin(ub_c.index_select(0, bx))).nonzero(as_tuple=True)  # [Nk] kept
+            # the kept (corner, group) pairs and the first group's results: G segments each
+            d_pair, s_pair = _segment_sq_distance(qb.view(-1, 3).index_select(0, pair * 4 + corner),
+                                                  g2.index_select(0, pair), pack, seg_id)  # [Nk]
+            pt = torch.cat([torch.arange(d1.numel(), device=dev), (bx.index_select(0, pair) * 4 + corner)])  # [N1 + Nk]
+            d_pair, s_pair = torch.cat([d1, d_pair]), torch.cat([s1, s_pair])  # [N1 + Nk] corner in batch
             nP = rows.numel() * P
-            ub_c = torch.full((nP,), math.inf, device=dev).scatter_reduce_(
-                0, pt.flatten(), (d_c + r_c).flatten(), "amin")           # [n P]
-            ub_c = _margin(ub_c.index_select(0, pt.flatten()).view(-1, 4))  # [Nb, 4]
-            pair, corner = ((d_c - r_c).clamp(min=0.0) <= ub_c).nonzero(as_tuple=True)  # [Nk] kept
-            # the kept (corner, group) pairs: G segments each, with the ops of nearest_segments
-            gk = g2.index_select(0, pair)                                 # [Nk]
-            ax, ay, az, dx, dy, dz, il = (w.index_select(0, gk) for w in pack)  # [Nk, G] each
-            qp = qb.view(-1, 3).index_select(0, pair * 4 + corner)        # [Nk, 3]
-            qax, qay, qaz = qp[:, 0:1] - ax, qp[:, 1:2] - ay, qp[:, 2:3] - az  # [Nk, G]
-            t = ((qax * dx + qay * dy) * il).clamp(0.0, 1.0) * -1.0       # [Nk, G]
-            d = (qax + dx * t) ** 2 + (qay + dy * t) ** 2 + (qaz + dz * t) ** 2  # [Nk, G] squared
-            d_pair, at = d.min(-1)                                        # [Nk] first on ties in a group
-            s_pair = seg_id.index_select(0, gk).gather(1, at.unsqueeze(1)).squeeze(1)  # [Nk]
-            pt = pt[pair, corner]                                         # [Nk]
             # per corner: the smallest distance, then the smallest segment id among its ties
             d_best = torch.full((nP,), math.inf, device=dev).scatter_reduce_(0, pt, d_pair, "amin")  # [n P]
-            s_pair = torch.where(d_pair == d_best.index_select(0, pt), s_pair, B * E)  # [Nk]
+            s_pair = torch.where(d_pair == d_best.index_select(0, pt), s_pair, B * E)  # [N1 + Nk]
             best = torch.full((nP,), B * E, device=dev).scatter_reduce_(0, pt, s_pair, "amin")  # [n P]
             best = best.view(-1, P)                                       # [n, P]
             base = E * (rid // N).unsqueeze(1)                            # [n, 1] first id of the scene

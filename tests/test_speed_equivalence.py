@@ -299,13 +299,13 @@ def test_box_pruned_road_edge_search_equals_geometry(which):
         size = torch.rand(1, Q, 3, generator=g) * 4 + 0.5
         table = geometry.road_edge_table(scene)
     else:
-        scenes = make_toy_scenes(4, seed=5) if which == "toy" else womd_or_skip().select(slice(0, 2))
-        pos, z, yaw, size = _boxes(scenes, R=2, noise=1.0)
+        scenes = make_toy_scenes(4, seed=5) if which == "toy" else womd_or_skip().select(slice(1, 2))
+        pos, z, yaw, size = _boxes(scenes, R=2 if which == "toy" else 1, noise=1.0)
         table = geometry.road_edge_table(scenes)
     stretch = torch.tensor([1.0, 1.0, geometry.Z_STRETCH])
     corners = geometry._box_bottom_corners(pos, z, yaw, size) * stretch   # [B, Q, 4, 3]
     B, Q = pos.shape[:2]
-    for track in (1, wm.TRACK):
+    for track in (2, wm.TRACK):
         idx = rs.nearest_edge_per_corner(corners, table["a"] * stretch, table["b"] * stretch, table["valid"], track)
         ref = geometry.nearest_segments(corners.view(B, Q // track, 4 * track, 3), table["a"] * stretch,
                                         table["b"] * stretch, table["valid"])  # [B, Q / track, 4 track]

@@ -52,7 +52,7 @@ SMALL_OVERLAP = 0.5               # m, lateral overlap below which the tighter h
 MAX_TTC = 5.0                     # s, MAXIMUM_TIME_TO_COLLISION
 TL_STOP_STATES = (1, 4)           # ARROW_STOP, STOP (FLASHING_STOP = 7 does not count) (3.5)
 VEHICLE = 0                       # agent_type of vehicles (scenes.AGENT_TYPES)
-TRACK = 16                        # consecutive steps of one agent sharing one candidate search
+TRACK = 20                        # consecutive steps of one agent sharing one candidate search
 
 # Section 6: (estimator, min, max, bins) per feature, and the meta-metric weights of each version.
 FEATURES = ("linear_speed", "linear_acceleration", "angular_speed", "angular_acceleration",

@@ -177,24 +177,32 @@ def _interaction_features(pos, yaw, valid, size, speed, slots, slot_ok=None):
         dist = torch.full((B * M * Nc,), BIG, device=dev).scatter_reduce_(0, row[p_] * Nc + n_, d, "amin")
         dist_out[:, c_] = dist.view(B * M, Nc)
 
-        # 3.3: the box ahead. yaw_diff is NOT wrapped (+179 deg vs -179 deg gives 358 deg: rejected);
-        # |cos|, |sin| of it equal those of h_j - h_i, already at hand.
-        yaw_diff = (pick(H, gj) - pick(H, gi)).abs()                      # [Np, Nc]
-        ac, as_ = cos_d.abs(), sin_d.abs()                                # [Np, Nc]
-        long_off = 0.5 * Lj * ac + 0.5 * Wj * as_                        # [Np, Nc] other's nearest corner
-        lat_off = 0.5 * Lj * as_ + 0.5 * Wj * ac                         # [Np, Nc]
-        lon = x - 0.5 * Li - long_off                                     # [Np, Nc] ahead of ego's front
-        lat = y.abs() - 0.5 * Wi - lat_off                                # [Np, Nc] < 0: overlap
+        # 3.3: the box ahead. Only pairs in the corridor ahead can be: lon > 0 needs x > L_i / 2 and
+        # lat < 0 needs |y| < W_i / 2 + lat_off <= W_i / 2 + R_j (lat_off is at most the half
+        # diagonal); the rest is never "ahead", so only the corridor's (pair, column)s are measured.
+        reach = 0.5 * Wi + Rj                                             # [Np, 1]
+        corridor = Vj & (x > 0.5 * Li - 1e-3) & (y.abs() < reach + 1e-3 * (1.0 + reach))  # [Np, Nc]
+        p_, n_ = corridor.nonzero(as_tuple=True)                          # [Nt]
+        x_, y_, Li_, Wi_, Lj_, Wj_ = x[p_, n_], y[p_, n_], Li[p_, 0], Wi[p_, 0], Lj[p_, 0], Wj[p_, 0]  # [Nt]
+        Hc = H[:, c_].reshape(-1)                                         # [B A Nc]
+        # yaw_diff is NOT wrapped (+179 deg vs -179 deg gives 358 deg: rejected); |cos|, |sin| of it
+        # equal those of h_j - h_i, already at hand.
+        yaw_diff = (Hc.index_select(0, gj[p_] * Nc + n_) - Hc.index_select(0, gi[p_] * Nc + n_)).abs()  # [Nt]
+        ac, as_ = cos_d[p_, n_].abs(), sin_d[p_, n_].abs()                # [Nt]
+        long_off = 0.5 * Lj_ * ac + 0.5 * Wj_ * as_                      # [Nt] other's nearest corner
+        lat_off = 0.5 * Lj_ * as_ + 0.5 * Wj_ * ac                       # [Nt]
+        lon = x_ - 0.5 * Li_ - long_off                                   # [Nt] ahead of ego's front
+        lat = y_.abs() - 0.5 * Wi_ - lat_off                              # [Nt] < 0: overlap
         # ego validity unused
-        ahead = (Vj & (lon > 0) & (yaw_diff <= MAX_HEADING_DIFF) & (lat < 0)  # [Np, Nc]
+        ahead = ((lon > 0) & (yaw_diff <= MAX_HEADING_DIFF) & (lat < 0)  # [Nt]
                  & ((lat < -SMALL_OVERLAP) | (yaw_diff <= MAX_HEADING_DIFF_SMALL_OVERLAP)))
-        masked = torch.where(ahead, lon, math.inf)                        # [Np, Nc]
-        # [B M, Nc]
-        gap = torch.full((B * M, Nc), math.inf, device=dev).scatter_reduce_(0, rows, masked, "amin")
+        key = (row[p_] * Nc + n_)[ahead]                                  # [Na] (scene slot, column)
+        lon = lon[ahead]                                                  # [Na]
+        gap = torch.full((B * M * Nc,), math.inf, device=dev).scatter_reduce_(0, key, lon, "amin")  # [B M Nc]
         # the nearest box ahead, the first agent on ties (as argmin over agents)
-        tie = ahead & (masked == gap.index_select(0, row))                # [Np, Nc]
-        j = torch.where(tie, pj.unsqueeze(1), A)                          # [Np, Nc]
-        j = torch.full((B * M, Nc), A, device=dev).scatter_reduce_(0, rows, j, "amin")  # [B M, Nc]
+        j = torch.where(lon == gap.index_select(0, key), pj[p_][ahead], A)  # [Na]
+        j = torch.full((B * M * Nc,), A, device=dev).scatter_reduce_(0, key, j, "amin").view(B * M, Nc)
+        gap = gap.view(B * M, Nc)                                         # [B M, Nc]
         scene = (torch.arange(B * M, device=dev) // M).unsqueeze(1)       # [B M, 1]
         v_ahead = S[:, c_].gather(0, scene * A + j.clamp(max=A - 1))       # [B M, Nc]
         rel = S[:, c_].index_select(0, gs) - v_ahead                      # speed magnitudes, NaN -> 5

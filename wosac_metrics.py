@@ -81,7 +81,7 @@ BERNOULLI_PSEUDOCOUNT = 0.001
 # ==============================================================================================
 def _finite(x: torch.Tensor) -> torch.Tensor:
     """Garbage (NaN/inf) in ignored entries must not poison min/argmin reductions."""
-    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 
@@ -326,13 +326,16 @@ def _features(scenes, pos, z, yaw, valid, slots, table, slot_ok=None) -> dict:
                               e_size.reshape(B, -1, 3), table, track=TRACK)  # [B, R M 80]
     road = road.view(B, R, M, T_FUTURE)                                   # [B, R, M, 80]
     road = torch.where(fv, road, torch.full_like(road, -BIG))             # [B, R, M, 80]
+    # padding slots stand still for the lane search: one point per row is a cheap search
+    tl_pos = e_pos if slot_ok is None else torch.where(slot_ok[:, None, :, None, None], e_pos,
+                                                       e_pos[..., NOW:NOW + 1, :])  # [B, R, M, T, 2]
     return {
         "linear_speed": speed[..., fut], "linear_acceleration": accel[..., fut],
         "angular_speed": ang_speed[..., fut], "angular_acceleration": ang_accel[..., fut],
         "distance_to_nearest_object": dist, "collision_per_step": dist < 0.0,
         "time_to_collision": ttc,
         "distance_to_road_edge": road, "offroad_per_step": road > 0.0,
-        "traffic_light_violation_per_step": _red_light_violation(scenes, e_pos, e_valid),
+        "traffic_light_violation_per_step": _red_light_violation(scenes, tl_pos, e_valid),
         "valid": e_valid[..., fut] if slot_ok is None else e_valid[..., fut] & slot_ok[:, None, :, None],
     }
 

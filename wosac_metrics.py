@@ -19,7 +19,8 @@ history, the TTC yaw difference is not wrapped, the traffic-light lane search us
 distance needs `-`, the road-edge segment is picked in z-stretched 3D but its distance is 2D.
 
 The geometry (rounded boxes of 3.2, signed distance to oriented road edges of 3.4, the pruned
-nearest-segment searches) lives in geometry.py, shared with env.py.
+nearest-segment searches) lives in geometry.py, shared with env.py; scoring's road-edge search
+is road_edge_search.py (the same numbers, less work).
 
 Deliberate deviations: the traffic-light lane search ignores the official "phantom" segment from
 a lane's last point into its zero padding (it points at WOMD's global origin, which centred scenes
@@ -29,9 +30,11 @@ difference come from products of per-agent cos / sin; these can only reorder exa
 Invalid log steps hold whatever the Scenes hold (the loader writes 0), as the official code reads
 whatever the proto holds; they only reach unmasked sim values through the history.
 
-Speed: the road-edge and lane searches are pruned (geometry.nearest_segments), and the
-interaction features only measure the pairs that can be nearest (exact, tested against brute
-force). Memory is bounded by geometry.CHUNK elements per pairwise tensor.
+Speed: the road-edge search is pruned per row, box and corner (road_edge_search.py), the lane
+search per row (geometry.nearest_segments); the interaction features only measure the pairs that
+can be nearest and, for TTC, the (pair, step)s in the corridor ahead; padding slots cost nothing.
+All exact (tested against the plain formulations in tests/test_speed_equivalence.py). Memory is
+bounded by geometry.CHUNK elements per pairwise tensor.
 """
 from __future__ import annotations
 

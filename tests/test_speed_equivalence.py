@@ -7,10 +7,12 @@ import pytest
 import torch
 
 import geometry
+import road_edge_search
 import wosac_metrics as wm
 from env import EnvConfig, MultiAgentEnv
 from geometry import BIG, CHUNK, relative_pose, rounded_box_distance, take
 from scenes import NOW, ROAD_EDGE, T, polylines_to_segments, scene_from_numpy
+from test_geometry import _random_edge_scene
 from toy_scenes import make_toy_scenes
 from wosac_metrics import MAX_HEADING_DIFF, MAX_HEADING_DIFF_SMALL_OVERLAP, MAX_TTC, SMALL_OVERLAP
 from womd import find_womd_examples, load_womd_dir
@@ -287,8 +289,6 @@ def test_box_pruned_road_edge_search_equals_geometry(which):
     """road_edge_search (per-box second level, group-major tables) picks the very segment of
     geometry.nearest_segments for every corner, so the signed distances are identical; both match
     the brute force over every edge."""
-    import road_edge_search as rs
-    from test_geometry import _random_edge_scene
     if which == "overpass":
         scene = _random_edge_scene(1)
         g = torch.Generator().manual_seed(1)
@@ -306,11 +306,12 @@ def test_box_pruned_road_edge_search_equals_geometry(which):
     corners = geometry._box_bottom_corners(pos, z, yaw, size) * stretch   # [B, Q, 4, 3]
     B, Q = pos.shape[:2]
     for track in (2, wm.TRACK):
-        idx = rs.nearest_edge_per_corner(corners, table["a"] * stretch, table["b"] * stretch, table["valid"], track)
+        idx = road_edge_search.nearest_edge_per_corner(corners, table["a"] * stretch, table["b"] * stretch,
+                                                       table["valid"], track)  # [B, Q, 4]
         ref = geometry.nearest_segments(corners.view(B, Q // track, 4 * track, 3), table["a"] * stretch,
                                         table["b"] * stretch, table["valid"])  # [B, Q / track, 4 track]
         assert torch.equal(idx, ref.view(B, Q, 4)), track
-        new = rs.road_edge_distance(pos, z, yaw, size, table, track=track)
+        new = road_edge_search.road_edge_distance(pos, z, yaw, size, table, track=track)
         assert torch.equal(new, geometry.road_edge_distance_many(pos, z, yaw, size, table, track=track))
     n = 400                                                               # brute force on a sample
     brute = geometry.box_road_edge_distance(pos[:, :n], z[:, :n], yaw[:, :n], size[:, :n], table)

@@ -19,7 +19,8 @@ history, the TTC yaw difference is not wrapped, the traffic-light lane search us
 distance needs `-`, the road-edge segment is picked in z-stretched 3D but its distance is 2D.
 
 The geometry (rounded boxes of 3.2, signed distance to oriented road edges of 3.4, the pruned
-nearest-segment searches) lives in geometry.py, shared with env.py.
+nearest-segment searches) lives in geometry.py, shared with env.py; scoring's road-edge search
+is road_edge_search.py (the same numbers, less work).
 
 Deliberate deviations: the traffic-light lane search ignores the official "phantom" segment from
 a lane's last point into its zero padding (it points at WOMD's global origin, which centred scenes
@@ -29,9 +30,11 @@ difference come from products of per-agent cos / sin; these can only reorder exa
 Invalid log steps hold whatever the Scenes hold (the loader writes 0), as the official code reads
 whatever the proto holds; they only reach unmasked sim values through the history.
 
-Speed: the road-edge and lane searches are pruned (geometry.nearest_segments), and the
-interaction features only measure the pairs that can be nearest (exact, tested against brute
-force). Memory is bounded by geometry.CHUNK elements per pairwise tensor.
+Speed: the road-edge search is pruned per row, box and corner (road_edge_search.py), the lane
+search per row (geometry.nearest_segments); the interaction features only measure the pairs that
+can be nearest and, for TTC, the (pair, step)s in the corridor ahead; padding slots cost nothing.
+All exact (tested against the plain formulations in tests/test_speed_equivalence.py). Memory is
+bounded by geometry.CHUNK elements per pairwise tensor.
 """
 from __future__ import annotations
 
@@ -41,7 +44,8 @@ import time
 import torch
 
 from geometry import (BIG, CHUNK, compact, div_no_nan, dot2, gather_rows, nearest_segments, relative_pose_cs,
-                      road_edge_distance_many, road_edge_table, rounded_box_distance, take)
+                      road_edge_table, rounded_box_distance, take)
+from road_edge_search import road_edge_distance
 from scenes import DT, LANE, NOW, SURFACE_STREET_LANE, T, T_FUTURE, wrap_angle
 
 # ---- constants of the official code (section numbers of wosac.md) ----------------------------
@@ -51,7 +55,7 @@ SMALL_OVERLAP = 0.5               # m, lateral overlap below which the tighter h
 MAX_TTC = 5.0                     # s, MAXIMUM_TIME_TO_COLLISION
 TL_STOP_STATES = (1, 4)           # ARROW_STOP, STOP (FLASHING_STOP = 7 does not count) (3.5)
 VEHICLE = 0                       # agent_type of vehicles (scenes.AGENT_TYPES)
-TRACK = 16                        # consecutive steps of one agent sharing one candidate search
+TRACK = 20                        # consecutive steps of one agent sharing one candidate search
 
 # Section 6: (estimator, min, max, bins) per feature, and the meta-metric weights of each version.
 FEATURES = ("linear_speed", "linear_acceleration", "angular_speed", "angular_acceleration",
@@ -80,7 +84,7 @@ BERNOULLI_PSEUDOCOUNT = 0.001
 # ==============================================================================================
 def _finite(x: torch.Tensor) -> torch.Tensor:
     """Garbage (NaN/inf) in ignored entries must not poison min/argmin reductions."""
-    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 
@@ -116,11 +120,12 @@ def kinematic_validity(valid: torch.Tensor):
 # ==============================================================================================
 # 3.2 / 3.3 Distance to the nearest object, collision, time to collision
 # ==============================================================================================
-def _interaction_features(pos, yaw, valid, size, speed, slots):
+def _interaction_features(pos, yaw, valid, size, speed, slots, slot_ok=None):
     """Distance to the nearest object and TTC of the slot agents against every agent.
 
     pos [B, R, A, T, 2], yaw/valid/speed [B, R, A, T] (valid already False for non-sim agents;
     speed: 2D central-difference speed), size [B, A, 3], slots [B, M] -> two [B, R, M, T].
+    slot_ok [B, M] (optional): padding slots, which nobody reads, get BIG and 5 s without any work.
 
     Only the pairs that can matter are listed: (scene, slot, agent) with the agent valid somewhere
     in the scene (a sim agent) and not the slot's own agent. A WOMD batch pads A to its largest
@@ -131,6 +136,8 @@ def _interaction_features(pos, yaw, valid, size, speed, slots):
     M, N, dev = slots.shape[1], R * Tn, pos.device
     obstacle = valid.any(dim=3).any(dim=1)                                # [B, A] ever valid
     pair = obstacle.unsqueeze(1) & (slots.unsqueeze(-1) != torch.arange(A, device=dev))  # [B, M, A]
+    if slot_ok is not None:
+        pair = pair & slot_ok.unsqueeze(-1)                               # [B, M, A]
     pb, pm, pj = pair.nonzero(as_tuple=True)                              # [Np] each
     row = pb * M + pm                                                     # [Np] output row (scene, slot)
     gi = pb * A + slots[pb, pm]                                           # [Np] flat slot agent
@@ -173,24 +180,32 @@ def _interaction_features(pos, yaw, valid, size, speed, slots):
         dist = torch.full((B * M * Nc,), BIG, device=dev).scatter_reduce_(0, row[p_] * Nc + n_, d, "amin")
         dist_out[:, c_] = dist.view(B * M, Nc)
 
-        # 3.3: the box ahead. yaw_diff is NOT wrapped (+179 deg vs -179 deg gives 358 deg: rejected);
-        # |cos|, |sin| of it equal those of h_j - h_i, already at hand.
-        yaw_diff = (pick(H, gj) - pick(H, gi)).abs()                      # [Np, Nc]
-        ac, as_ = cos_d.abs(), sin_d.abs()                                # [Np, Nc]
-        long_off = 0.5 * Lj * ac + 0.5 * Wj * as_                        # [Np, Nc] other's nearest corner
-        lat_off = 0.5 * Lj * as_ + 0.5 * Wj * ac                         # [Np, Nc]
-        lon = x - 0.5 * Li - long_off                                     # [Np, Nc] ahead of ego's front
-        lat = y.abs() - 0.5 * Wi - lat_off                                # [Np, Nc] < 0: overlap
+        # 3.3: the box ahead. Only pairs in the corridor ahead can be: lon > 0 needs x > L_i / 2 and
+        # lat < 0 needs |y| < W_i / 2 + lat_off <= W_i / 2 + R_j (lat_off is at most the half
+        # diagonal); the rest is never "ahead", so only the corridor's (pair, column)s are measured.
+        reach = 0.5 * Wi + Rj                                             # [Np, 1]
+        corridor = Vj & (x > 0.5 * Li - 1e-3) & (y.abs() < reach + 1e-3 * (1.0 + reach))  # [Np, Nc]
+        p_, n_ = corridor.nonzero(as_tuple=True)                          # [Nt]
+        x_, y_, Li_, Wi_, Lj_, Wj_ = x[p_, n_], y[p_, n_], Li[p_, 0], Wi[p_, 0], Lj[p_, 0], Wj[p_, 0]  # [Nt]
+        Hc = H[:, c_].reshape(-1)                                         # [B A Nc]
+        # yaw_diff is NOT wrapped (+179 deg vs -179 deg gives 358 deg: rejected); |cos|, |sin| of it
+        # equal those of h_j - h_i, already at hand.
+        yaw_diff = (Hc.index_select(0, gj[p_] * Nc + n_) - Hc.index_select(0, gi[p_] * Nc + n_)).abs()  # [Nt]
+        ac, as_ = cos_d[p_, n_].abs(), sin_d[p_, n_].abs()                # [Nt]
+        long_off = 0.5 * Lj_ * ac + 0.5 * Wj_ * as_                      # [Nt] other's nearest corner
+        lat_off = 0.5 * Lj_ * as_ + 0.5 * Wj_ * ac                       # [Nt]
+        lon = x_ - 0.5 * Li_ - long_off                                   # [Nt] ahead of ego's front
+        lat = y_.abs() - 0.5 * Wi_ - lat_off                              # [Nt] < 0: overlap
         # ego validity unused
-        ahead = (Vj & (lon > 0) & (yaw_diff <= MAX_HEADING_DIFF) & (lat < 0)  # [Np, Nc]
+        ahead = ((lon > 0) & (yaw_diff <= MAX_HEADING_DIFF) & (lat < 0)  # [Nt]
                  & ((lat < -SMALL_OVERLAP) | (yaw_diff <= MAX_HEADING_DIFF_SMALL_OVERLAP)))
-        masked = torch.where(ahead, lon, math.inf)                        # [Np, Nc]
-        # [B M, Nc]
-        gap = torch.full((B * M, Nc), math.inf, device=dev).scatter_reduce_(0, rows, masked, "amin")
+        key = (row[p_] * Nc + n_)[ahead]                                  # [Na] (scene slot, column)
+        lon = lon[ahead]                                                  # [Na]
+        gap = torch.full((B * M * Nc,), math.inf, device=dev).scatter_reduce_(0, key, lon, "amin")  # [B M Nc]
         # the nearest box ahead, the first agent on ties (as argmin over agents)
-        tie = ahead & (masked == gap.index_select(0, row))                # [Np, Nc]
-        j = torch.where(tie, pj.unsqueeze(1), A)                          # [Np, Nc]
-        j = torch.full((B * M, Nc), A, device=dev).scatter_reduce_(0, rows, j, "amin")  # [B M, Nc]
+        j = torch.where(lon == gap.index_select(0, key), pj[p_][ahead], A)  # [Na]
+        j = torch.full((B * M * Nc,), A, device=dev).scatter_reduce_(0, key, j, "amin").view(B * M, Nc)
+        gap = gap.view(B * M, Nc)                                         # [B M, Nc]
         scene = (torch.arange(B * M, device=dev) // M).unsqueeze(1)       # [B M, 1]
         v_ahead = S[:, c_].gather(0, scene * A + j.clamp(max=A - 1))       # [B M, Nc]
         rel = S[:, c_].index_select(0, gs) - v_ahead                      # speed magnitudes, NaN -> 5
@@ -280,10 +295,12 @@ def _red_light_violation(scenes, pos, valid):
 # ==============================================================================================
 # 2. Per-step features of 91-step trajectories
 # ==============================================================================================
-def _features(scenes, pos, z, yaw, valid, slots, table) -> dict:
+def _features(scenes, pos, z, yaw, valid, slots, table, slot_ok=None) -> dict:
     """Features of the slot agents slots [B, M] on the 80 future steps, from 91-step trajectories
     pos [B, R, A, T, 2], z/yaw/valid [B, R, A, T] (valid: False for agents that are not sim agents,
-    so they are no obstacles). Returns a dict of [B, R, M, 80]."""
+    so they are no obstacles). Returns a dict of [B, R, M, 80]. Padding slots (slot_ok [B, M] False)
+    are only read through masks that exclude them: their interaction and road-edge values are
+    placeholders (BIG, 5 s, -BIG) that cost nothing."""
     size = scenes.size                                                    # [B, A, 3]
     fut = slice(NOW + 1, T)
     e_pos, e_z, e_yaw, e_valid = (take(x, slots, 2) for x in (pos, z, yaw, valid))  # [B, R, M, T, (2)]
@@ -293,12 +310,14 @@ def _features(scenes, pos, z, yaw, valid, slots, table) -> dict:
     # TTC speeds are 2D (z = 0) central differences over the 91 steps: NaN at the last step -> 5 s
     speed2d = torch.sqrt(central_diff(pos[..., 0]) ** 2 + central_diff(pos[..., 1]) ** 2) / DT  # [B, R, A, T]
     dist, ttc = _interaction_features(pos[..., fut, :], yaw[..., fut], valid[..., fut], size,  # [B, R, M, 80]
-                                      speed2d[..., fut], slots)
+                                      speed2d[..., fut], slots, slot_ok)
 
     # road edges of valid boxes only; invalid ones are queried on the scene's first road edge (a
     # place near the road keeps the pruning tight) and masked to -BIG afterwards
     B, R, M = e_z.shape[:3]
     fv = e_valid[..., fut]                                                # [B, R, M, 80]
+    if slot_ok is not None:
+        fv = fv & slot_ok[:, None, :, None]                               # [B, R, M, 80] padding: no search
     e_size = take(size, slots, 1)[:, None, :, None].expand(B, R, M, T_FUTURE, 3)  # [B, R, M, 80, 3]
     anchor = table["a"][:, 0] if table["a"].shape[1] else pos.new_zeros(B, 3)  # [B, 3]
     # [B, R, M, 80, 2]
@@ -306,18 +325,21 @@ def _features(scenes, pos, z, yaw, valid, slots, table) -> dict:
     # [B, R, M, 80]
     q_z = torch.where(fv, e_z[..., fut], anchor[:, None, None, None, 2] + 0.5 * e_size[..., 2])
     q_yaw = torch.where(fv, e_yaw[..., fut], torch.zeros_like(q_z))      # [B, R, M, 80]
-    road = road_edge_distance_many(q_pos.reshape(B, -1, 2), q_z.reshape(B, -1), q_yaw.reshape(B, -1),
-                                    e_size.reshape(B, -1, 3), table, track=TRACK)  # [B, R M 80]
+    road = road_edge_distance(q_pos.reshape(B, -1, 2), q_z.reshape(B, -1), q_yaw.reshape(B, -1),
+                              e_size.reshape(B, -1, 3), table, track=TRACK)  # [B, R M 80]
     road = road.view(B, R, M, T_FUTURE)                                   # [B, R, M, 80]
     road = torch.where(fv, road, torch.full_like(road, -BIG))             # [B, R, M, 80]
+    # padding slots stand still for the lane search: one point per row is a cheap search
+    tl_pos = e_pos if slot_ok is None else torch.where(slot_ok[:, None, :, None, None], e_pos,
+                                                       e_pos[..., NOW:NOW + 1, :])  # [B, R, M, T, 2]
     return {
         "linear_speed": speed[..., fut], "linear_acceleration": accel[..., fut],
         "angular_speed": ang_speed[..., fut], "angular_acceleration": ang_accel[..., fut],
         "distance_to_nearest_object": dist, "collision_per_step": dist < 0.0,
         "time_to_collision": ttc,
         "distance_to_road_edge": road, "offroad_per_step": road > 0.0,
-        "traffic_light_violation_per_step": _red_light_violation(scenes, e_pos, e_valid),
-        "valid": e_valid[..., fut],
+        "traffic_light_violation_per_step": _red_light_violation(scenes, tl_pos, e_valid),
+        "valid": e_valid[..., fut] if slot_ok is None else e_valid[..., fut] & slot_ok[:, None, :, None],
     }
 
 
@@ -440,8 +462,8 @@ def score_rollouts(scenes, sim_pos, sim_z, sim_yaw, version: str = "2025") -> di
         torch.cat([hist(scenes.z), sim_z.float()], dim=3),                # [B, R, A, T]
         torch.cat([hist(scenes.yaw), sim_yaw.float()], dim=3),            # [B, R, A, T]
         torch.cat([hist(scenes.valid), future_valid], dim=3))             # [B, R, A, T]
-    f_log = _features(scenes, *log, slots, table)                         # [B, 1, M, 80]
-    f_sim = _features(scenes, *sim, slots, table)                         # [B, R, M, 80]
+    f_log = _features(scenes, *log, slots, table, slot_ok)                # [B, 1, M, 80]
+    f_sim = _features(scenes, *sim, slots, table, slot_ok)                # [B, R, M, 80]
 
     # masks: the log's future validity of scored objects masks everything, simulated values included
     valid = f_log["valid"][:, 0] & slot_ok[..., None]                     # [B, M, 80]

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 import geometry
+import road_edge_search
 import wosac_metrics as wm
 from env import EnvConfig, MultiAgentEnv
 from geometry import BIG, CHUNK, relative_pose, rounded_box_distance, take
 from scenes import NOW, ROAD_EDGE, T, polylines_to_segments, scene_from_numpy
+from test_geometry import _random_edge_scene
 from toy_scenes import make_toy_scenes
 from wosac_metrics import MAX_HEADING_DIFF, MAX_HEADING_DIFF_SMALL_OVERLAP, MAX_TTC, SMALL_OVERLAP
 from womd import find_womd_examples, load_womd_dir
@@ -268,3 +270,70 @@ def test_masked_max_equals_the_max_with_indices_in_value_and_gradient():
     assert torch.equal(grads[0][0], grads[1][0]) and bool((grads[1][0][0] == 0).all())
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---- road_edge_search.py: per-box pruning of the road-edge search ------------------------------
+def _boxes(scenes, R, noise, seed=0):
+    """R noisy rollouts of every agent as [B, Q, ...] boxes, some far off the map."""
+    pos, z, yaw = noisy_rollouts(scenes, R=R, seed=seed, noise=noise)     # [B, R, A, 80, ...]
+    B = scenes.B
+    size = scenes.size[:, None, :, None].expand(*yaw.shape, 3)            # [B, R, A, 80, 3]
+    q = lambda x: x.reshape(B, -1, *x.shape[4:]).clone()                  # [B, R A 80, ...]
+    pos, z, yaw, size = q(pos), q(z), q(yaw), q(size)
+    pos[:, :80] += torch.linspace(0, 300, 80).unsqueeze(-1)               # one agent drives off the map
+    return pos, z, yaw, size
+
+
+@pytest.mark.parametrize("which", ["toy", "womd", "overpass"])
+def test_box_pruned_road_edge_search_equals_geometry(which):
+    """road_edge_search (per-box second level, group-major tables) picks the very segment of
+    geometry.nearest_segments for every corner, so the signed distances are identical; both match
+    the brute force over every edge."""
+    if which == "overpass":
+        scene = _random_edge_scene(1)
+        g = torch.Generator().manual_seed(1)
+        Q = 16 * 30
+        pos = torch.cumsum(torch.randn(1, Q, 2, generator=g), 1) * 2 - 40   # [1, Q, 2] a long track
+        z = torch.rand(1, Q, generator=g) * 8                             # between the two levels
+        yaw = torch.rand(1, Q, generator=g) * 6.28 - 3.14
+        size = torch.rand(1, Q, 3, generator=g) * 4 + 0.5
+        table = geometry.road_edge_table(scene)
+    else:
+        scenes = make_toy_scenes(4, seed=5) if which == "toy" else womd_or_skip().select(slice(1, 2))
+        pos, z, yaw, size = _boxes(scenes, R=2 if which == "toy" else 1, noise=1.0)
+        table = geometry.road_edge_table(scenes)
+    stretch = torch.tensor([1.0, 1.0, geometry.Z_STRETCH])
+    corners = geometry._box_bottom_corners(pos, z, yaw, size) * stretch   # [B, Q, 4, 3]
+    B, Q = pos.shape[:2]
+    for track in (2, wm.TRACK):
+        idx = road_edge_search.nearest_edge_per_corner(corners, table["a"] * stretch, table["b"] * stretch,
+                                                       table["valid"], track)  # [B, Q, 4]
+        ref = geometry.nearest_segments(corners.view(B, Q // track, 4 * track, 3), table["a"] * stretch,
+                                        table["b"] * stretch, table["valid"])  # [B, Q / track, 4 track]
+        assert torch.equal(idx, ref.view(B, Q, 4)), track
+        new = road_edge_search.road_edge_distance(pos, z, yaw, size, table, track=track)
+        assert torch.equal(new, geometry.road_edge_distance_many(pos, z, yaw, size, table, track=track))
+    n = 400                                                               # brute force on a sample
+    brute = geometry.box_road_edge_distance(pos[:, :n], z[:, :n], yaw[:, :n], size[:, :n], table)
+    assert torch.allclose(new[:, :n], brute, atol=1e-4)
+
+
+def test_padding_slots_change_no_scored_feature():
+    """_features with slot_ok (padding slots skip the interaction pairs and the road-edge search)
+    equals _features without it on every scored slot."""
+    scenes = womd_or_skip().select(slice(0, 4))
+    pos, z, yaw = noisy_rollouts(scenes, R=2)
+    hist = lambda x: x[:, None, :, :NOW + 1].expand(-1, 2, *([-1] * (x.dim() - 1)))
+    full = lambda h, f: torch.cat([hist(h), f], dim=3)
+    valid = torch.cat([hist(scenes.valid), torch.ones_like(hist(scenes.valid)[..., :1]).expand(
+        -1, -1, -1, T - NOW - 1)], dim=3)                                 # [B, R, A, T]
+    sim = wm._sim_agent_trajectories(scenes, full(scenes.pos, pos), full(scenes.z, z), full(scenes.yaw, yaw), valid)
+    slots, slot_ok = geometry.compact(scenes.eval_mask & scenes.valid[:, :, NOW], at_least=1)
+    assert not bool(slot_ok.all())                                        # the test needs padding
+    table = geometry.road_edge_table(scenes)
+    a = wm._features(scenes, *sim, slots, table, slot_ok)
+    b = wm._features(scenes, *sim, slots, table)
+    m = slot_ok[:, None, :, None].expand_as(a["valid"])                   # [B, R, M, 80]
+    for k in a:
+        x, y = a[k][m], b[k][m]
+        assert torch.equal(x.isnan(), y.isnan()) and torch.equal(x[~x.isnan()], y[~y.isnan()]), k

@@ -187,19 +187,18 @@ class AttentionBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def keys_values(self, src):
-        """Project senders once, before they are gathered: src [..., D] -> kv [..., 2D], keys then values
-        side by side, so one gather moves both."""
-        return self.kv(self.norm_kv(src))
+        """Project senders once, before they are gathered: src [..., D] -> contiguous (k, v) [..., D]."""
+        k, v = self.kv(self.norm_kv(src)).chunk(2, dim=-1)
+        return k.contiguous(), v.contiguous()
 
-    def forward(self, x, kv, r, mask):
-        """x [..., D] queries; kv [..., C, 2D]; r [..., C, D]; mask [..., C] -> [..., D]: a batch of one-query
+    def forward(self, x, k, v, r, mask):
+        """x [..., D] queries; k, v, r [..., C, D]; mask [..., C] -> [..., D]: a batch of one-query
         attentions. For few candidates (temporal, agents) a plain masked softmax is twice as fast on a CPU
         as SDPA's kernel, which wins from SDPA_FROM on (the map); same result (tests/test_reference_speed)."""
-        D, C = x.shape[-1], kv.shape[-2]
+        D, C = x.shape[-1], k.shape[-2]
         H, dh = self.h, D // self.h
         q = self.q(self.norm_q(x)).reshape(-1, 1, H, dh)                     # [X, 1, H, dh]
-        k = (kv[..., :D] + r).reshape(-1, C, H, dh)                          # [X, C, H, dh]
-        v = (kv[..., D:] + r).reshape(-1, C, H, dh)                          # [X, C, H, dh]
+        k, v = (k + r).reshape(-1, C, H, dh), (v + r).reshape(-1, C, H, dh)  # [X, C, H, dh] each
         seen = mask.any(-1, keepdim=True)                                    # [..., 1]
         if C < self.SDPA_FROM:             # a finite floor, not -inf: a row with nothing visible stays finite
             s = (q * k).sum(-1) * dh ** -0.5                                   # [X, C, H]
@@ -277,16 +276,16 @@ class ReferenceModel(nn.Module):
         mt = map_tokens(scenes, self.cfg.map_token_len)
         emb = self.map_mlp(self.map_len(mt["length"][..., None] / self.cfg.map_token_len)
                            + self.map_type(mt["type"]))                          # [B, M, D]
-        kv = [blocks[1].keys_values(emb) for blocks in self.blocks]             # L x [B, M, 2D]
+        kv = [blocks[1].keys_values(emb) for blocks in self.blocks]             # L x ([B, M, D], [B, M, D])
         return dict(map_pose=mt["pose"], map_valid=mt["valid"], map_kv=kv)
 
     def empty_past(self, B: int, A: int, device) -> dict:
         """KV cache with nothing in it: W - 1 invalid steps before the first token step."""
         W1, D = self.cfg.window - 1, self.cfg.D
-        z = torch.zeros(B, A, W1, 2 * D, device=device)                         # [B, A, W-1, 2D]
+        z = torch.zeros(B, A, W1, D, device=device)                             # [B, A, W-1, D]
         return dict(pose=torch.zeros(B, A, W1, 3, device=device),              # [B, A, W-1, 3]
                     valid=torch.zeros(B, A, W1, dtype=torch.bool, device=device),  # [B, A, W-1]
-                    kv=[z for _ in range(self.cfg.layers)])
+                    kv=[(z, z) for _ in range(self.cfg.layers)])
 
     # ---- the transformer -----------------------------------------------------------------
     def run(self, ctx: dict, x, pose, valid, past: dict) -> tuple:
@@ -336,14 +335,17 @@ class ReferenceModel(nn.Module):
         r_a = self.rel_agent(pose_features(pose_n[..., None, :], send_a, cfg.harmonics))  # [B, N', A, C, D]
 
         new_kv = []
-        window = lambda z: z.unfold(2, W, 1).transpose(-1, -2)     # [B, A, W-1+N', 2D] -> [B, A, N', W, 2D]
-        for (temporal, to_map, to_agent), map_kv, past_kv in zip(self.blocks, ctx["map_kv"], past["kv"]):
-            kv = torch.cat([past_kv, temporal.keys_values(x)], 2)             # [B, A, W-1+N', 2D]
-            new_kv.append(kv[:, :, -(W - 1):])
-            x = temporal(x, window(kv), r_t, ok_t)                             # [B, A, N', D]
-            x = to_map(x, gather_m(map_kv), r_m, ok_m)                         # [B, A, N', D]
+        window = lambda z: z.unfold(2, W, 1).transpose(-1, -2)         # [B, A, W-1+N', D] -> [B, A, N', W, D]
+        for (temporal, to_map, to_agent), (map_k, map_v), (past_k, past_v) in zip(self.blocks, ctx["map_kv"],
+                                                                                  past["kv"]):
+            k, v = temporal.keys_values(x)                                     # [B, A, N', D] each
+            k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)        # [B, A, W-1+N', D] each
+            new_kv.append((k[:, :, -(W - 1):], v[:, :, -(W - 1):]))
+            x = temporal(x, window(k), window(v), r_t, ok_t)                   # [B, A, N', D]
+            x = to_map(x, gather_m(map_k), gather_m(map_v), r_m, ok_m)         # [B, A, N', D]
             xn = x.transpose(1, 2)                                             # [B, N', A, D]
-            xn = to_agent(xn, gather_a(to_agent.keys_values(xn)), r_a, ok_a)   # [B, N', A, D]
+            k, v = to_agent.keys_values(xn)                                    # [B, N', A, D] each
+            xn = to_agent(xn, gather_a(k), gather_a(v), r_a, ok_a)             # [B, N', A, D]
             x = xn.transpose(1, 2)                                             # [B, A, N', D]
         new_past = dict(pose=pose_all[:, :, -(W - 1):], valid=valid_all[:, :, -(W - 1):], kv=new_kv)
         return x, new_past
@@ -495,7 +497,7 @@ def closed_loop(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, top
         rep = lambda t: t.repeat_interleave(repeats, 0)  # [B, ...] -> [B * repeats, ...]
         scenes, hist_logits = scenes.repeat(repeats), rep(hist_logits)
         enc = {k: rep(v) for k, v in enc.items()}
-        ctx, past = ({k: [rep(a) for a in v] if k.endswith("kv") else rep(v)
+        ctx, past = ({k: [(rep(a), rep(b)) for a, b in v] if k.endswith("kv") else rep(v)
                       for k, v in d.items()} for d in (ctx, past))
     ids, id_valid = enc["ids"].clone(), enc["id_valid"].clone()               # [B, A, N]
     pose, pose_valid = enc["pose"].clone(), enc["pose_valid"].clone()        # [B, A, N + 1, 3], [B, A, N + 1]

@@ -8,9 +8,9 @@ from tokenizer import MotionTokenizer, TokenizerConfig
 from toy_scenes import make_toy_scenes
 
 
-def attention_outputs(block, x, kv, r, mask):
+def attention_outputs(block, x, k, v, r, mask):
     """The block's output and the gradients of a fixed function of it w.r.t. every input."""
-    ins = [t.clone().requires_grad_(True) for t in (x, kv, r)]
+    ins = [t.clone().requires_grad_(True) for t in (x, k, v, r)]
     out = block(*ins, mask)                                                   # [..., D]
     (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
     grads = [p.grad.clone() for p in block.parameters() if p.grad is not None]   # the kv projection is not used
@@ -25,7 +25,7 @@ def test_plain_softmax_attention_equals_sdpa(C, monkeypatch):
     D, heads = 32, 4
     block = RM.AttentionBlock(D, heads, dropout=0.0)
     x = torch.randn(5, 7, D)                                                  # [5, 7, D]
-    kv, r = torch.randn(5, 7, C, 2 * D), torch.randn(5, 7, C, D)            # [5, 7, C, 2D], [5, 7, C, D]
+    k, v, r = (torch.randn(5, 7, C, D) for _ in range(3))                     # [5, 7, C, D] each
     mask = torch.rand(5, 7, C) < 0.6                                          # [5, 7, C]
     mask[0, :3] = False                                                       # nothing visible
     mask[1, :3] = False
@@ -34,7 +34,7 @@ def test_plain_softmax_attention_equals_sdpa(C, monkeypatch):
     for name, sdpa_from in (("plain", C + 1), ("sdpa", 0)):
         monkeypatch.setattr(RM.AttentionBlock, "SDPA_FROM", sdpa_from)
         block.zero_grad(set_to_none=True)
-        results[name] = attention_outputs(block, x, kv, r, mask)
+        results[name] = attention_outputs(block, x, k, v, r, mask)
     for a, b in zip(results["plain"], results["sdpa"]):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
     assert results["plain"][0][0, :3].sub(x[0, :3]).abs().max() > 0       # the feed-forward still runs

@@ -231,14 +231,13 @@ def sample_rollouts(model, tok, scenes: Scenes, enc: dict, M: int, top_k: int, g
     from policy_log_probs(., top_k): reference_model's top-k sampler at temperature 1, with k = K
     (every token) for top_k = 0. Returns (the repeated scenes, closed_loop's output: tokens,
     traj [W, A, 80, 3], controlled [W, A])."""
-    rep = scenes.repeat(M)
-    enc_rep = {k: v.repeat_interleave(M, 0) for k, v in enc.items()}          # [W, A, ...]
     was_training = model.training
     model.eval()
     k = top_k if top_k > 0 else model.cfg.K
-    out = RM.closed_loop(model, tok, rep, top_k=k, temperature=1.0, generator=generator, enc=enc_rep)
+    # the M worlds of a scene share its map and history: closed_loop computes those once per scene
+    out = RM.closed_loop(model, tok, scenes, top_k=k, temperature=1.0, generator=generator, enc=enc, repeats=M)
     model.train(was_training)
-    return rep, out
+    return scenes.repeat(M), out
 
 
 @torch.no_grad()

@@ -176,6 +176,7 @@ class RelEmbed(nn.Module):
 class AttentionBlock(nn.Module):
     """Pre-LN attention of a query over C gathered candidates with relative embeddings added to
     keys and values, then a pre-LN feed-forward; both residual."""
+    SDPA_FROM = 9   # candidates from which SDPA beats the plain softmax (one query, CPU, D = 64)
 
     def __init__(self, D: int, heads: int, dropout: float):
         super().__init__()
@@ -186,22 +187,27 @@ class AttentionBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def keys_values(self, src):
-        """Project senders once, before they are gathered: src [..., D] -> (k, v) [..., D] each,
-        contiguous (gathering from contiguous tensors is much faster)."""
+        """Project senders once, before they are gathered: src [..., D] -> contiguous (k, v) [..., D]."""
         k, v = self.kv(self.norm_kv(src)).chunk(2, dim=-1)
         return k.contiguous(), v.contiguous()
 
     def forward(self, x, k, v, r, mask):
-        """x [..., D] queries; k, v, r [..., C, D]; mask [..., C] -> [..., D].
-        Each query has its own C candidates: a batch of one-query attentions for SDPA."""
+        """x [..., D] queries; k, v, r [..., C, D]; mask [..., C] -> [..., D]: a batch of one-query
+        attentions. For few candidates (temporal, agents) a plain masked softmax is twice as fast on a CPU
+        as SDPA's kernel, which wins from SDPA_FROM on (the map); same result (tests/test_reference_speed)."""
         D, C = x.shape[-1], k.shape[-2]
         H, dh = self.h, D // self.h
-        q = self.q(self.norm_q(x)).reshape(-1, H, 1, dh)                     # [X, H, 1, dh]
-        k = (k + r).reshape(-1, C, H, dh).transpose(1, 2)                    # [X, H, C, dh]
-        v = (v + r).reshape(-1, C, H, dh).transpose(1, 2)                    # [X, H, C, dh]
+        q = self.q(self.norm_q(x)).reshape(-1, 1, H, dh)                     # [X, 1, H, dh]
+        k, v = (k + r).reshape(-1, C, H, dh), (v + r).reshape(-1, C, H, dh)  # [X, C, H, dh] each
         seen = mask.any(-1, keepdim=True)                                    # [..., 1]
-        mask = mask | ~seen & (torch.arange(C, device=mask.device) == 0)    # never a row with nothing visible
-        msg = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.reshape(-1, 1, 1, C))  # [X, H, 1, dh]
+        if C < self.SDPA_FROM:             # a finite floor, not -inf: a row with nothing visible stays finite
+            s = (q * k).sum(-1) * dh ** -0.5                                   # [X, C, H]
+            s = s.masked_fill(~mask.reshape(-1, C, 1), torch.finfo(s.dtype).min)  # [X, C, H]
+            msg = (s.softmax(1)[..., None] * v).sum(1)                         # [X, H, dh]
+        else:
+            mask = mask | ~seen & (torch.arange(C, device=mask.device) == 0)  # never a row with none visible
+            msg = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask.reshape(-1, 1, 1, C))  # [X, H, 1, dh]
         msg = msg.reshape(x.shape) * seen                              # [..., D] zero when nothing is visible
         x = x + self.drop(self.out(msg))
         return x + self.drop(self.ff(self.norm_ff(x)))
@@ -471,7 +477,7 @@ def catk_choice(tok: MotionTokenizer, logits, pose, target, target_ok, agent_typ
 @torch.no_grad()
 def closed_loop(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, top_k: int = 8,
                 temperature: float = 1.0, generator=None, catk: bool = False, return_logits: bool = False,
-                enc: dict | None = None) -> dict:
+                enc: dict | None = None, repeats: int = 1) -> dict:
     """Roll every controlled agent of `scenes` out from boundary n0 to the end, all at once.
 
     Agents not controlled follow their logged tokens. Returns flat tensors over the batch:
@@ -479,12 +485,22 @@ def closed_loop(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, top
     executed sequence, traj [B, A, 80, 3] (10 Hz future x, y, yaw), controlled [B, A] and, with
     return_logits, the logits [B, A, N, K] computed during the rollout (zero before n0).
     With catk, the choice is CAT-K's closest-among-top-k and `targets` [B, A, N] and
-    `target_valid` [B, A, N] hold the recovery tokens. `enc`: tok.encode(scenes), if already known."""
+    `target_valid` [B, A, N] hold the recovery tokens. `enc`: tok.encode(scenes), if already known.
+    repeats: as scenes.repeat(repeats) (B counts worlds); the map and history pass run once per scene."""
     N, n0, spt = tok.N, tok.n0, tok.steps_per_token
     enc = tok.encode(scenes) if enc is None else enc
+    ctx = model.context(scenes)
+    prev = [F.pad(enc[k][..., :n0 - 1], (1, 0)) for k in ("ids", "id_valid")]  # [B, A, n0] each
+    hist_logits, past = model.step(ctx, scenes, *prev, enc["pose"][:, :, :n0], enc["pose_valid"][:, :, :n0],
+                                   model.empty_past(scenes.B, prev[0].shape[1], scenes.device))  # [B,A,n0,K]
+    if repeats > 1:                  # every tensor over scenes becomes one over worlds, scene-major
+        rep = lambda t: t.repeat_interleave(repeats, 0)  # [B, ...] -> [B * repeats, ...]
+        scenes, hist_logits = scenes.repeat(repeats), rep(hist_logits)
+        enc = {k: rep(v) for k, v in enc.items()}
+        ctx, past = ({k: [(rep(a), rep(b)) for a, b in v] if k.endswith("kv") else rep(v)
+                      for k, v in d.items()} for d in (ctx, past))
     ids, id_valid = enc["ids"].clone(), enc["id_valid"].clone()               # [B, A, N]
     pose, pose_valid = enc["pose"].clone(), enc["pose_valid"].clone()        # [B, A, N + 1, 3], [B, A, N + 1]
-    B, A = ids.shape[:2]
     kind = scenes.agent_type                                                   # [B, A]
     ctrl = scenes.controlled & pose_valid[:, :, n0]                            # [B, A]
     id_valid[:, :, n0:] |= ctrl[..., None]          # controlled agents live to the end, as in env.py
@@ -494,16 +510,7 @@ def closed_loop(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, top
         log_ok = scenes.valid[:, :, ::spt]                                     # [B, A, N + 1]
         targets = torch.zeros_like(ids)                                        # [B, A, N]
         target_valid = torch.zeros_like(id_valid)                              # [B, A, N]
-    all_logits = torch.zeros(B, A, N, model.cfg.K, device=ids.device) if return_logits else None
-
-    ctx = model.context(scenes)
-    past = model.empty_past(B, A, ids.device)
-    prev_ids = F.pad(ids[..., :n0 - 1], (1, 0))                                # [B, A, n0]
-    prev_valid = F.pad(id_valid[..., :n0 - 1], (1, 0))                         # [B, A, n0]
-    hist_logits, past = model.step(ctx, scenes, prev_ids, prev_valid, pose[:, :, :n0], pose_valid[:, :, :n0],
-                                   past)
-    if return_logits:
-        all_logits[:, :, :n0] = hist_logits
+    all_logits = F.pad(hist_logits, (0, 0, 0, N - n0)) if return_logits else None  # [B, A, N, K]
     steps = []
     for n in range(n0, N):
         logits, past = model.step(ctx, scenes, ids[:, :, n - 1:n], id_valid[:, :, n - 1:n],
@@ -546,8 +553,7 @@ def rollout(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, R: int 
     trajs, ids = [], []
     for b0 in range(0, scenes.B, per):                 # chunks of scenes, to bound memory
         s = scenes.select(slice(b0, b0 + per))
-        enc = {k: v.repeat_interleave(R, 0) for k, v in tok.encode(s).items()}   # encode once, not R times
-        out = closed_loop(model, tok, s.repeat(R), top_k, temperature, generator, enc=enc)
+        out = closed_loop(model, tok, s, top_k, temperature, generator, repeats=R)  # encoded once, not R x
         trajs.append(out["traj"].unflatten(0, (-1, R)))                        # [b, R, A, 80, 3]
         ids.append(out["tokens"]["ids"].unflatten(0, (-1, R)))                 # [b, R, A, N]
     model.train(was_training)

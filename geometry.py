@@ -302,11 +302,18 @@ def edge_parts(table: dict) -> dict:
 
 def selection_sq_distance_parts(qx, qy, qz, p: dict):
     """_selection_sq_distance from the segment parts p (SEG_PARTS, edge_parts), component by
-    component: the same float operations in the same order, so the same bits. All broadcast."""
-    qax, qay, qaz = qx - p["ax"], qy - p["ay"], qz - p["az"]              # [...]
-    t = ((qax * p["abx"] + qay * p["aby"]) / p["den"]).clamp(0.0, 1.0)    # [...]
-    vx, vy, vz = qax - p["abx"] * t, qay - p["aby"] * t, qaz - p["abz"] * t  # [...]
-    return vx ** 2 + vy ** 2 + (Z_STRETCH * vz) ** 2
+    component: the same float operations in the same order, so the same bits. All broadcast.
+    It is the simulator's hottest loop, hence in place (no FMA-fusing ops such as addcmul):
+        t = clamp((qa_x ab_x + qa_y ab_y) / den, 0, 1);  v = qa - ab t
+        d = v_x^2 + v_y^2 + (Z_STRETCH v_z)^2"""
+    vx, vy, vz = qx - p["ax"], qy - p["ay"], qz - p["az"]                 # [...] qa, becomes v
+    t = vx * p["abx"]                                                     # [...]
+    tmp = vy * p["aby"]                                                   # [...]
+    t.add_(tmp).div_(p["den"]).clamp_(0.0, 1.0)
+    for v, k in ((vx, "abx"), (vy, "aby"), (vz, "abz")):
+        v.sub_(torch.mul(p[k], t, out=tmp))
+    vz.mul_(Z_STRETCH)
+    return vx.mul_(vx).add_(vy.mul_(vy)).add_(vz.mul_(vz))
 
 
 def edge_candidates(cx, cy, cz, r, parts: dict, scene, E: int, width: int = 0):

@@ -276,16 +276,23 @@ class MultiAgentEnv:
         The same formula on the same per-agent cos / sin, so the flags equal the full matrix's."""
         act, size = self.active, self.s.size
         x, y = self.pos[..., 0], self.pos[..., 1]                            # [B, A]
-        dx, dy = x.unsqueeze(-2) - x.unsqueeze(-1), y.unsqueeze(-2) - y.unsqueeze(-1)  # [B, A, A]
-        near = (dx * dx + dy * dy < self.reach2) & act.unsqueeze(-1) & act.unsqueeze(-2)  # [B, A, A]
-        b, i, j = near.nonzero(as_tuple=True)                                # [Np] candidate pairs
-        c, s_ = torch.cos(self.yaw), torch.sin(self.yaw)                     # [B, A]
-        xr, yr, cd, sd = relative_pose_cs(x[b, i], y[b, i], c[b, i], s_[b, i],
-                                          x[b, j], y[b, j], c[b, j], s_[b, j])  # [Np]
-        # [Np]
-        d = rounded_box_distance(xr, yr, cd, sd, size[b, i, 0], size[b, i, 1], size[b, j, 0], size[b, j, 1])
+        d2 = x.unsqueeze(-2) - x.unsqueeze(-1)                               # [B, A, A] dx, then dx^2 + dy^2
+        dy = y.unsqueeze(-2) - y.unsqueeze(-1)                               # [B, A, A]
+        d2.mul_(d2).add_(dy.mul_(dy))
+        b, i, j = (d2 < self.reach2).nonzero(as_tuple=True)                  # [Np] pairs within reach
+        fi, fj = b * self.A + i, b * self.A + j                              # [Np] flat agent ids
+        live = act.view(-1)                                                  # [B A]
+        both = live.index_select(0, fi) & live.index_select(0, fj)           # [Np]
+        fi, fj = fi[both], fj[both]                                          # [Np'] active pairs only
+        # per agent once: x, y, cos, sin, length, width; then one gather per side of the pairs
+        per = torch.stack([x, y, torch.cos(self.yaw), torch.sin(self.yaw), size[..., 0], size[..., 1]],
+                          -1).view(-1, 6)                                    # [B A, 6]
+        xi, yi, ci, si, li, wi = per.index_select(0, fi).unbind(1)           # [Np'] each
+        xj, yj, cj, sj, lj, wj = per.index_select(0, fj).unbind(1)           # [Np'] each
+        xr, yr, cd, sd = relative_pose_cs(xi, yi, ci, si, xj, yj, cj, sj)    # [Np']
+        d = rounded_box_distance(xr, yr, cd, sd, li, wi, lj, wj)             # [Np']
         hit = torch.zeros(self.B * self.A, dtype=torch.bool, device=self.device)  # [B A]
-        hit[(b * self.A + i)[d < 0.0]] = True
+        hit[fi[d < 0.0]] = True
         return hit.view(self.B, self.A) & act
 
     def _edge_anchor(self):

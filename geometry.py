@@ -320,9 +320,12 @@ def edge_candidates(cx, cy, cz, r, parts: dict, scene, E: int, width: int = 0):
     """Candidate segments of boxes whose stretched bottom corners stay within r [N] of
     (cx, cy, cz) [N] (cz = Z_STRETCH * z): ids [N, C] into edge_parts (C >= width, in table
     order, padded with the dummy B E) and ok [N, C]. scene [N] is each box's scene."""
-    e = torch.arange(E, device=cx.device)                                 # [E]
-    ids = scene.unsqueeze(1) * E + e                                      # [N, E] flat segment ids
-    p = {k: parts[k].index_select(0, ids.flatten()).view(ids.shape) for k in SEG_PARTS + ("bz", "valid")}  # [N, E]
+    n, dummy = cx.shape[0], parts["valid"].shape[0] - 1
+    if E == 0 or n == 0:
+        out = torch.full((n, max(width, 1)), dummy, dtype=torch.long, device=cx.device)  # [N, C]
+        return out, out != dummy
+    # [N, E] per part: each box's scene's row of the table
+    p = {k: parts[k][:dummy].view(-1, E).index_select(0, scene) for k in SEG_PARTS + ("bz", "valid")}
     qax, qay = cx.unsqueeze(1) - p["ax"], cy.unsqueeze(1) - p["ay"]        # [N, E]
     t = ((qax * p["abx"] + qay * p["aby"]) / p["den"]).clamp(0.0, 1.0)    # [N, E]
     d2 = torch.sqrt((qax - p["abx"] * t) ** 2 + (qay - p["aby"] * t) ** 2)  # [N, E] exact 2D distance
@@ -332,15 +335,14 @@ def edge_candidates(cx, cy, cz, r, parts: dict, scene, E: int, width: int = 0):
     bound = upper + 2 * r                                                 # [N]
     bound = bound + 1e-2 + 1e-4 * bound.abs()                             # float32 rounding margin
     keep = p["valid"] & (d2 <= bound.unsqueeze(1))                        # [N, E]
-    C = max(int(keep.sum(1).max()) if keep.numel() else 0, width, 1)
-    key = torch.where(keep, e, e + E)                                     # [N, E] kept first, in order
-    C = min(C, E) if E else 0
-    first = key.topk(C, dim=1, largest=False).values                      # [N, C] ascending
-    ok = first < E                                                        # [N, C]
-    out = torch.where(ok, scene.unsqueeze(1) * E + first, parts["valid"].shape[0] - 1)  # [N, C]
-    if C < width:  # a table with fewer segments than the pool is wide: pad with the dummy
-        out = torch.nn.functional.pad(out, (0, width - C), value=parts["valid"].shape[0] - 1)  # [N, width]
-        ok = torch.nn.functional.pad(ok, (0, width - C), value=False)     # [N, width]
+    slot = keep.cumsum(1) - 1                                             # [N, E] place in the list
+    C = max(int(slot[:, -1].max()) + 1 if keep.numel() else 0, width, 1)
+    # kept segments in table order, the rest written to a spill column C that is dropped
+    out = torch.full((n, C + 1), dummy, dtype=torch.long, device=cx.device)  # [N, C + 1]
+    e = scene.unsqueeze(1) * E + torch.arange(E, device=cx.device)        # [N, E] flat segment ids
+    out.scatter_(1, torch.where(keep, slot, C), e)
+    out = out[:, :C].contiguous()                                         # [N, C]
+    ok = out != dummy                                                     # [N, C]
     return out, ok
 
 

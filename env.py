@@ -136,6 +136,15 @@ class MultiAgentEnv:
         d = scenes.seg_end[..., :2] - scenes.seg_start[..., :2]         # [B, S, 2]
         self.seg_len = d.norm(dim=-1)                                   # [B, S]
         self.seg_dir = d / self.seg_len.clamp(min=1e-6).unsqueeze(-1)   # [B, S, 2]
+        # what an observation reads of a segment besides its midpoint, gathered once per step:
+        # direction (world frame), length / 10, type one-hot
+        self.seg_static = torch.cat([self.seg_dir, self.seg_len.unsqueeze(-1) / 10.0,
+                                     torch.nn.functional.one_hot(scenes.seg_type, len(MAP_TYPES)).float()],
+                                    -1)                                 # [B, S, 3 + len(MAP_TYPES)]
+        # a partner's size / [10, 5] and type one-hot, likewise
+        self.agent_static = torch.cat([scenes.size[..., :2] / torch.tensor([10.0, 5.0], device=self.device),
+                                       torch.nn.functional.one_hot(scenes.agent_type, 3).float()],
+                                      -1)                               # [B, A, 5]
         self.parts = edge_parts(self.edges)                                # [B E + 1, ...] per field
         self.has_edge = self.edges["valid"].any(1).repeat_interleave(self.A)  # [B A]
         self.scene_of = torch.arange(self.B, device=self.device).repeat_interleave(self.A)  # [B A]
@@ -370,16 +379,16 @@ class MultiAgentEnv:
         # [B, A, P]
         d_sel, j = torch.where(ok, dist, torch.full_like(dist, 1e9)).topk(n_p, dim=-1, largest=False)
         p_mask = d_sel < 1e8                                                      # [B, A, P]
-        bidx = torch.arange(B, device=self.device).view(B, 1, 1)                  # [B, 1, 1]
-        rel = to_local_xy(self.pos[bidx, j], self.pos, self.yaw)                       # [B, A, P, 2]
-        dyaw = self.yaw[bidx, j] - self.yaw.unsqueeze(-1)                         # [B, A, P]
-        rel_v = to_local_xy(self.vel[bidx, j], torch.zeros_like(self.pos), self.yaw) - to_local_xy(
+        # every partner read in one gather: x, y, yaw, vx, vy, then the static size / type block
+        other = gather_rows(torch.cat([self.pos, self.yaw.unsqueeze(-1), self.vel, self.agent_static], -1),
+                            j)                                                    # [B, A, P, 10]
+        rel = to_local_xy(other[..., 0:2], self.pos, self.yaw)                    # [B, A, P, 2]
+        dyaw = other[..., 2] - self.yaw.unsqueeze(-1)                             # [B, A, P]
+        rel_v = to_local_xy(other[..., 3:5], torch.zeros_like(self.pos), self.yaw) - to_local_xy(
             self.vel.unsqueeze(-2), torch.zeros_like(self.pos), self.yaw)          # [B, A, P, 2]
         partners = torch.cat([rel / cfg.obs_radius, torch.cos(dyaw).unsqueeze(-1),
                               torch.sin(dyaw).unsqueeze(-1), rel_v / 30.0,
-                              s.size[bidx, j, :2] / torch.tensor([10.0, 5.0], device=self.device),
-                              # [B, A, P, PARTNER_DIM]
-                              torch.nn.functional.one_hot(s.agent_type[bidx, j], 3).float()], -1)
+                              other[..., 5:]], -1)                                # [B, A, P, PARTNER_DIM]
         partners = partners * p_mask.unsqueeze(-1)
         pad = cfg.n_partners - n_p   # fixed width, whatever A is, so one policy fits every scene
         # [B, A, n_partners, PARTNER_DIM]
@@ -396,10 +405,9 @@ class MultiAgentEnv:
         r_mask = d_sel < cfg.obs_radius                                           # [B, A, R]
         seg = torch.gather(road_idx, 2, c)                                   # [B, A, R]
         rel_mid = torch.gather(rel_mid, 2, c.unsqueeze(-1).expand(-1, -1, -1, 2))  # [B, A, R, 2]
-        dir_ego = to_local_xy(self.seg_dir[bidx, seg], torch.zeros_like(self.pos), self.yaw)  # [B, A, R, 2]
-        road = torch.cat([rel_mid / cfg.obs_radius, dir_ego, self.seg_len[bidx, seg].unsqueeze(-1) / 10.0,
-                          # [B, A, R, ROAD_DIM]
-                          torch.nn.functional.one_hot(s.seg_type[bidx, seg], len(MAP_TYPES)).float()], -1)
+        static = gather_rows(self.seg_static, seg)                                # [B, A, R, 3 + types]
+        dir_ego = to_local_xy(static[..., 0:2], torch.zeros_like(self.pos), self.yaw)  # [B, A, R, 2]
+        road = torch.cat([rel_mid / cfg.obs_radius, dir_ego, static[..., 2:]], -1)  # [B, A, R, ROAD_DIM]
         road = road * r_mask.unsqueeze(-1)
         pad = cfg.n_road - n_r
         road = torch.nn.functional.pad(road, (0, 0, 0, pad))                   # [B, A, n_road, ROAD_DIM]

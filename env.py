@@ -36,8 +36,14 @@ Reaching the goal (`EnvConfig.at_goal`)
   driver and the log replay use it (stopping them would change the behaviour they sample).
 
 Speed: the road-edge check and the road observation do not look at every map segment for every
-agent at every step. Each agent keeps a small pool of nearby segments, refreshed every
-`refresh_every` steps (an agent at 25 m/s moves 12.5 m in 0.5 s, far less than the pool radius).
+agent at every step.
+- Off-road: each agent keeps the road-edge segments it can possibly pick while its box stays
+  within `edge_margin` of where the list was made (geometry.edge_candidates, a distance bound), and
+  its list alone is refreshed when it moves further. The flags are exactly those of the whole
+  table, and the per-step cost depends on how many edges are near an agent, not on the map size.
+- Road observation: a pool of the `n_road_pool` nearest map segments per agent, refreshed every
+  `refresh_every` steps (an agent at 25 m/s moves 12.5 m in 0.5 s, far less than the pool
+  radius), and only computed when an observation is asked for.
 """
 from __future__ import annotations
 
@@ -45,8 +51,8 @@ from dataclasses import dataclass
 
 import torch
 
-from geometry import (box_road_edge_distance, gather_rows, relative_pose_cs, road_edge_table,
-                      rounded_box_distance)
+from geometry import (SEG_PARTS, Z_STRETCH, edge_candidates, edge_parts, gather_rows,
+                      pooled_box_edge_distance, relative_pose_cs, road_edge_table, rounded_box_distance)
 from scenes import DT, MAP_TYPES, NOW, T, Scenes, apply_local, to_local_xy, wrap_angle
 
 
@@ -83,9 +89,9 @@ class EnvConfig:
     obs_radius: float = 50.0     # m, partners and road points beyond are not observed
     n_partners: int = 16         # nearest partners in the observation
     n_road: int = 64             # nearest road segments in the observation
-    n_edge_pool: int = 48        # nearest road-edge segments kept per agent for off-road checks
+    edge_margin: float = 4.0     # m, an agent's road-edge candidates are rebuilt beyond this move
     n_road_pool: int = 192       # nearest map segments kept per agent for the road observation
-    refresh_every: int = 5       # steps between refreshes of those pools
+    refresh_every: int = 5       # steps between refreshes of the road observation pool
     accel_grid: tuple = (-4.0, -2.67, -1.33, 0.0, 1.33, 2.67, 4.0)   # m/s^2, bicycle mode
     steer_grid: tuple = tuple(round(-0.5 + i / 12, 4) for i in range(13))  # rad, |delta| <= 0.5
 
@@ -130,9 +136,18 @@ class MultiAgentEnv:
         d = scenes.seg_end[..., :2] - scenes.seg_start[..., :2]         # [B, S, 2]
         self.seg_len = d.norm(dim=-1)                                   # [B, S]
         self.seg_dir = d / self.seg_len.clamp(min=1e-6).unsqueeze(-1)   # [B, S, 2]
-        emid = 0.5 * (self.edges["a"][..., :2] + self.edges["b"][..., :2])     # [B, E, 2]
-        # [B, E, 2]
-        self.edge_mid = torch.where(self.edges["valid"].unsqueeze(-1), emid, torch.full_like(emid, 1e6))
+        # what an observation reads of a segment besides its midpoint, gathered once per step:
+        # direction (world frame), length / 10, type one-hot
+        self.seg_static = torch.cat([self.seg_dir, self.seg_len.unsqueeze(-1) / 10.0,
+                                     torch.nn.functional.one_hot(scenes.seg_type, len(MAP_TYPES)).float()],
+                                    -1)                                 # [B, S, 3 + len(MAP_TYPES)]
+        # a partner's size / [10, 5] and type one-hot, likewise
+        self.agent_static = torch.cat([scenes.size[..., :2] / torch.tensor([10.0, 5.0], device=self.device),
+                                       torch.nn.functional.one_hot(scenes.agent_type, 3).float()],
+                                      -1)                               # [B, A, 5]
+        self.parts = edge_parts(self.edges)                                # [B E + 1, ...] per field
+        self.has_edge = self.edges["valid"].any(1).repeat_interleave(self.A)  # [B A]
+        self.scene_of = torch.arange(self.B, device=self.device).repeat_interleave(self.A)  # [B A]
         # collision prefilter: rounded boxes lie inside the disc of their half diagonal, so a pair
         # can only touch when its centre distance is below the sum of both (+ a float margin)
         L, W = scenes.size[..., 0], scenes.size[..., 1]                           # [B, A]
@@ -140,6 +155,8 @@ class MultiAgentEnv:
         reach = half_diag.unsqueeze(-1) + half_diag.unsqueeze(-2) + 1e-2          # [B, A, A]
         self.reach2 = torch.where(torch.eye(self.A, dtype=torch.bool, device=self.device), -1.0,
                                   reach * reach)
+        # bottom corners lie within the half diagonal of the centre: candidates cover edge_margin more
+        self.edge_r = half_diag.flatten() + cfg.edge_margin                       # [B A]
 
     # ---- episode start ---------------------------------------------------------------------
     def reset(self, start_step: int = NOW):
@@ -167,7 +184,8 @@ class MultiAgentEnv:
         self.offroad = torch.zeros_like(self.active)                         # [B, A] at the last step
         self.ever_collided = torch.zeros_like(self.active)                   # [B, A]
         self.ever_offroad = torch.zeros_like(self.active)                    # [B, A]
-        self._refresh_pools()
+        self._refresh_edges()
+        self._refresh_road_pool()
         self._events()
         return self.observe()
 
@@ -230,7 +248,7 @@ class MultiAgentEnv:
         self.traj_yaw[:, :, t] = self.yaw
         # a replayed agent reappearing after a gap in its log may be far from its stale road pool
         if self.t % self.cfg.refresh_every == 0 or bool((self.active & ~was_active).any()):
-            self._refresh_pools()
+            self._refresh_road_pool()
         newly = self._events()
         cfg = self.cfg
         # [B, A]
@@ -242,7 +260,14 @@ class MultiAgentEnv:
         """Collision, off-road and goal flags at the current step; returns newly reached goals."""
         s, act = self.s, self.active
         self.collided = self._collisions()                                   # [B, A]
-        d_road = box_road_edge_distance(self.pos, self.z, self.yaw, s.size, self.edge_pool)  # [B, A]
+        at = self._edge_anchor()                                             # [B A, 3]
+        moved = ((at - self.edge_at) ** 2).sum(-1) > self.cfg.edge_margin ** 2  # [B A]
+        rows = moved.nonzero().squeeze(1)                                    # [n] agents to refresh
+        if rows.numel():
+            self._refresh_edges(rows)
+        d_road = pooled_box_edge_distance(self.pos.view(-1, 2), self.z.view(-1), self.yaw.view(-1),
+                                          s.size.view(-1, 3), self.edge_pool, self.edge_ids, self.parts,
+                                          self.has_edge).view(self.B, self.A)  # [B, A]
         self.offroad = (d_road > 0.0) & act                                  # [B, A]
         self.ever_collided |= self.collided
         self.ever_offroad |= self.offroad
@@ -260,27 +285,72 @@ class MultiAgentEnv:
         The same formula on the same per-agent cos / sin, so the flags equal the full matrix's."""
         act, size = self.active, self.s.size
         x, y = self.pos[..., 0], self.pos[..., 1]                            # [B, A]
-        dx, dy = x.unsqueeze(-2) - x.unsqueeze(-1), y.unsqueeze(-2) - y.unsqueeze(-1)  # [B, A, A]
-        near = (dx * dx + dy * dy < self.reach2) & act.unsqueeze(-1) & act.unsqueeze(-2)  # [B, A, A]
-        b, i, j = near.nonzero(as_tuple=True)                                # [Np] candidate pairs
-        c, s_ = torch.cos(self.yaw), torch.sin(self.yaw)                     # [B, A]
-        xr, yr, cd, sd = relative_pose_cs(x[b, i], y[b, i], c[b, i], s_[b, i],
-                                          x[b, j], y[b, j], c[b, j], s_[b, j])  # [Np]
-        # [Np]
-        d = rounded_box_distance(xr, yr, cd, sd, size[b, i, 0], size[b, i, 1], size[b, j, 0], size[b, j, 1])
+        d2 = x.unsqueeze(-2) - x.unsqueeze(-1)                               # [B, A, A] dx, then dx^2 + dy^2
+        dy = y.unsqueeze(-2) - y.unsqueeze(-1)                               # [B, A, A]
+        d2.mul_(d2).add_(dy.mul_(dy))
+        b, i, j = (d2 < self.reach2).nonzero(as_tuple=True)                  # [Np] pairs within reach
+        fi, fj = b * self.A + i, b * self.A + j                              # [Np] flat agent ids
+        live = act.view(-1)                                                  # [B A]
+        both = live.index_select(0, fi) & live.index_select(0, fj)           # [Np]
+        fi, fj = fi[both], fj[both]                                          # [Np'] active pairs only
+        # per agent once: x, y, cos, sin, length, width; then one gather per side of the pairs
+        per = torch.stack([x, y, torch.cos(self.yaw), torch.sin(self.yaw), size[..., 0], size[..., 1]],
+                          -1).view(-1, 6)                                    # [B A, 6]
+        xi, yi, ci, si, li, wi = per.index_select(0, fi).unbind(1)           # [Np'] each
+        xj, yj, cj, sj, lj, wj = per.index_select(0, fj).unbind(1)           # [Np'] each
+        xr, yr, cd, sd = relative_pose_cs(xi, yi, ci, si, xj, yj, cj, sj)    # [Np']
+        d = rounded_box_distance(xr, yr, cd, sd, li, wi, lj, wj)             # [Np']
         hit = torch.zeros(self.B * self.A, dtype=torch.bool, device=self.device)  # [B A]
-        hit[(b * self.A + i)[d < 0.0]] = True
+        hit[fi[d < 0.0]] = True
         return hit.view(self.B, self.A) & act
 
-    def _refresh_pools(self):
-        """Nearest road-edge segments (off-road checks) and map segments (observations) per agent."""
-        n_e = min(self.cfg.n_edge_pool, self.edge_mid.shape[1])
-        d_e = torch.cdist(self.pos, self.edge_mid)                           # [B, A, E]
-        self.edge_idx = d_e.topk(n_e, dim=-1, largest=False).indices         # [B, A, C]
-        self.edge_pool = {k: gather_rows(v, self.edge_idx) for k, v in self.edges.items()}  # [B, A, C, ...]
-        n_r = min(self.cfg.n_road_pool, self.seg_mid.shape[1])
-        d_r = torch.cdist(self.pos, self.seg_mid)                            # [B, A, S]
-        self.road_idx = d_r.topk(n_r, dim=-1, largest=False).indices         # [B, A, C]
+    def _edge_anchor(self):
+        """Where each agent's bottom corners are centred, z stretched as the edge selection sees it."""
+        zb = Z_STRETCH * (self.z - 0.5 * self.s.size[..., 2])                # [B, A]
+        return torch.stack([self.pos[..., 0], self.pos[..., 1], zb], -1).view(-1, 3)  # [B A, 3]
+
+    def _refresh_edges(self, rows=None):
+        """Road-edge candidates of every agent (rows None) or of the agents `rows` [n] (flat B A)."""
+        at = self._edge_anchor()                                             # [B A, 3]
+        E = self.edges["valid"].shape[1]
+        if rows is None:
+            self.edge_at = at                                                # [B A, 3]
+            self.edge_ids, ok = edge_candidates(at[:, 0], at[:, 1], at[:, 2], self.edge_r, self.parts,
+                                                self.scene_of, E)            # [B A, C]
+        else:
+            at = at.index_select(0, rows)                                    # [n, 3]
+            C = self.edge_ids.shape[1]
+            ids, ok_n = edge_candidates(at[:, 0], at[:, 1], at[:, 2], self.edge_r.index_select(0, rows),
+                                        self.parts, self.scene_of.index_select(0, rows), E, C)  # [n, C']
+            self.edge_at.index_copy_(0, rows, at)
+            if ids.shape[1] == C:  # the usual case: only these agents' lists change
+                self.edge_ids.index_copy_(0, rows, ids)
+                self.edge_pool["ok"].index_copy_(0, rows, ok_n)
+                for k in SEG_PARTS:
+                    self.edge_pool[k].index_copy_(0, rows, self.parts[k][ids])  # [n, C] into [B A, C]
+                return
+            pad = ids.shape[1] - C                                           # the lists grow, never shrink
+            dummy = self.parts["valid"].shape[0] - 1
+            self.edge_ids = torch.nn.functional.pad(self.edge_ids, (0, pad), value=dummy)  # [B A, C']
+            ok = torch.nn.functional.pad(self.edge_pool["ok"], (0, pad), value=False)  # [B A, C']
+            self.edge_ids.index_copy_(0, rows, ids)
+            ok.index_copy_(0, rows, ok_n)
+        # the candidates' parts, gathered once per refresh, not per step
+        self.edge_pool = {k: self.parts[k][self.edge_ids] for k in SEG_PARTS}  # [B A, C] per part
+        self.edge_pool["ok"] = ok
+
+    def _refresh_road_pool(self):
+        """Nearest map segments per agent (observations), from the positions now; the search itself
+        waits for the next observe(), as an events-only rollout never needs it."""
+        self._road_from = self.pos.clone()                                   # [B, A, 2]
+
+    def _road_pool(self):
+        if self._road_from is not None:
+            n_r = min(self.cfg.n_road_pool, self.seg_mid.shape[1])
+            d_r = torch.cdist(self._road_from, self.seg_mid)                 # [B, A, S]
+            self.road_idx = d_r.topk(n_r, dim=-1, largest=False).indices     # [B, A, C]
+            self._road_from = None
+        return self.road_idx
 
     # ---- observations ----------------------------------------------------------------------
     def observe(self):
@@ -309,16 +379,16 @@ class MultiAgentEnv:
         # [B, A, P]
         d_sel, j = torch.where(ok, dist, torch.full_like(dist, 1e9)).topk(n_p, dim=-1, largest=False)
         p_mask = d_sel < 1e8                                                      # [B, A, P]
-        bidx = torch.arange(B, device=self.device).view(B, 1, 1)                  # [B, 1, 1]
-        rel = to_local_xy(self.pos[bidx, j], self.pos, self.yaw)                       # [B, A, P, 2]
-        dyaw = self.yaw[bidx, j] - self.yaw.unsqueeze(-1)                         # [B, A, P]
-        rel_v = to_local_xy(self.vel[bidx, j], torch.zeros_like(self.pos), self.yaw) - to_local_xy(
+        # every partner read in one gather: x, y, yaw, vx, vy, then the static size / type block
+        other = gather_rows(torch.cat([self.pos, self.yaw.unsqueeze(-1), self.vel, self.agent_static], -1),
+                            j)                                                    # [B, A, P, 10]
+        rel = to_local_xy(other[..., 0:2], self.pos, self.yaw)                    # [B, A, P, 2]
+        dyaw = other[..., 2] - self.yaw.unsqueeze(-1)                             # [B, A, P]
+        rel_v = to_local_xy(other[..., 3:5], torch.zeros_like(self.pos), self.yaw) - to_local_xy(
             self.vel.unsqueeze(-2), torch.zeros_like(self.pos), self.yaw)          # [B, A, P, 2]
         partners = torch.cat([rel / cfg.obs_radius, torch.cos(dyaw).unsqueeze(-1),
                               torch.sin(dyaw).unsqueeze(-1), rel_v / 30.0,
-                              s.size[bidx, j, :2] / torch.tensor([10.0, 5.0], device=self.device),
-                              # [B, A, P, PARTNER_DIM]
-                              torch.nn.functional.one_hot(s.agent_type[bidx, j], 3).float()], -1)
+                              other[..., 5:]], -1)                                # [B, A, P, PARTNER_DIM]
         partners = partners * p_mask.unsqueeze(-1)
         pad = cfg.n_partners - n_p   # fixed width, whatever A is, so one policy fits every scene
         # [B, A, n_partners, PARTNER_DIM]
@@ -326,18 +396,18 @@ class MultiAgentEnv:
         p_mask = torch.nn.functional.pad(p_mask, (0, pad))                     # [B, A, n_partners]
 
         # road: nearest map segments within obs_radius, chosen from the per-agent pool
-        mid = gather_rows(self.seg_mid, self.road_idx)                          # [B, A, C, 2]
+        road_idx = self._road_pool()                                              # [B, A, C]
+        mid = gather_rows(self.seg_mid, road_idx)                               # [B, A, C, 2]
         rel_mid = to_local_xy(mid, self.pos, self.yaw)                                 # [B, A, C, 2]
         d_mid = rel_mid.norm(dim=-1)                                              # [B, A, C]
         n_r = min(cfg.n_road, d_mid.shape[-1])
         d_sel, c = d_mid.topk(n_r, dim=-1, largest=False)                         # [B, A, R]
         r_mask = d_sel < cfg.obs_radius                                           # [B, A, R]
-        seg = torch.gather(self.road_idx, 2, c)                                   # [B, A, R]
+        seg = torch.gather(road_idx, 2, c)                                   # [B, A, R]
         rel_mid = torch.gather(rel_mid, 2, c.unsqueeze(-1).expand(-1, -1, -1, 2))  # [B, A, R, 2]
-        dir_ego = to_local_xy(self.seg_dir[bidx, seg], torch.zeros_like(self.pos), self.yaw)  # [B, A, R, 2]
-        road = torch.cat([rel_mid / cfg.obs_radius, dir_ego, self.seg_len[bidx, seg].unsqueeze(-1) / 10.0,
-                          # [B, A, R, ROAD_DIM]
-                          torch.nn.functional.one_hot(s.seg_type[bidx, seg], len(MAP_TYPES)).float()], -1)
+        static = gather_rows(self.seg_static, seg)                                # [B, A, R, 3 + types]
+        dir_ego = to_local_xy(static[..., 0:2], torch.zeros_like(self.pos), self.yaw)  # [B, A, R, 2]
+        road = torch.cat([rel_mid / cfg.obs_radius, dir_ego, static[..., 2:]], -1)  # [B, A, R, ROAD_DIM]
         road = road * r_mask.unsqueeze(-1)
         pad = cfg.n_road - n_r
         road = torch.nn.functional.pad(road, (0, 0, 0, pad))                   # [B, A, n_road, ROAD_DIM]

@@ -271,6 +271,97 @@ def box_road_edge_distance(pos, z, yaw, size, edges: dict):
 
 
 # ==============================================================================================
+# 3.4 for the simulator: per-box candidate segments that stay exact while the box moves little
+# ==============================================================================================
+# A box whose bottom corners q lie within r of a point c (in z-stretched coordinates) can only pick
+# (3.4) a segment s with lower bound d2(c, s) - r <= min over s' of the upper bound
+# sqrt(d2(c, s')^2 + Z(c, s')^2) + r: the selection distance is sqrt(d2(q, s)^2 + z-term^2) with
+# d2 the exact 2D point-segment distance (1-Lipschitz) and |z-term| <= Z = max |q'z - a'z|, |q'z - b'z|.
+# So the segments passing that test contain every segment the box can pick; kept in table order,
+# the first-on-ties argmin among them is the full table's.
+SEG_PARTS = ("ax", "ay", "az", "abx", "aby", "abz", "den")
+
+
+def edge_parts(table: dict) -> dict:
+    """The road-edge table flattened over scenes for per-box candidate lists: every field of
+    road_edge_table as [B E + 1, ...] (one trailing invalid dummy segment to pad lists with), plus
+    SEG_PARTS [B E + 1]: a, b - a and |b - a|^2 in 2D (1 where 0, which leaves rel_t = 0 exactly as
+    div_no_nan does, since its numerator is then 0)."""
+    flat = {}
+    for k, v in table.items():
+        v = v.flatten(0, 1)                                               # [B E, ...]
+        flat[k] = torch.cat([v, torch.zeros_like(v[:1])])                 # [B E + 1, ...]
+    ab = flat["b"] - flat["a"]                                            # [B E + 1, 3]
+    len2 = dot2(ab, ab)                                                   # [B E + 1]
+    for i, c in enumerate("xyz"):
+        flat["a" + c], flat["ab" + c] = flat["a"][:, i].contiguous(), ab[:, i].contiguous()  # [B E + 1]
+    flat["den"] = torch.where(len2 == 0, torch.ones_like(len2), len2)      # [B E + 1]
+    flat["bz"] = flat["b"][:, 2].contiguous()                             # [B E + 1]
+    return flat
+
+
+def selection_sq_distance_parts(qx, qy, qz, p: dict):
+    """_selection_sq_distance from the segment parts p (SEG_PARTS, edge_parts), component by
+    component: the same float operations in the same order, so the same bits. All broadcast.
+    It is the simulator's hottest loop, hence in place (no FMA-fusing ops such as addcmul):
+        t = clamp((qa_x ab_x + qa_y ab_y) / den, 0, 1);  v = qa - ab t
+        d = v_x^2 + v_y^2 + (Z_STRETCH v_z)^2"""
+    vx, vy, vz = qx - p["ax"], qy - p["ay"], qz - p["az"]                 # [...] qa, becomes v
+    t = vx * p["abx"]                                                     # [...]
+    tmp = vy * p["aby"]                                                   # [...]
+    t.add_(tmp).div_(p["den"]).clamp_(0.0, 1.0)
+    for v, k in ((vx, "abx"), (vy, "aby"), (vz, "abz")):
+        v.sub_(torch.mul(p[k], t, out=tmp))
+    vz.mul_(Z_STRETCH)
+    return vx.mul_(vx).add_(vy.mul_(vy)).add_(vz.mul_(vz))
+
+
+def edge_candidates(cx, cy, cz, r, parts: dict, scene, E: int, width: int = 0):
+    """Candidate segments of boxes whose stretched bottom corners stay within r [N] of
+    (cx, cy, cz) [N] (cz = Z_STRETCH * z): ids [N, C] into edge_parts (C >= width, in table
+    order, padded with the dummy B E) and ok [N, C]. scene [N] is each box's scene."""
+    n, dummy = cx.shape[0], parts["valid"].shape[0] - 1
+    if E == 0 or n == 0:
+        out = torch.full((n, max(width, 1)), dummy, dtype=torch.long, device=cx.device)  # [N, C]
+        return out, out != dummy
+    # [N, E] per part: each box's scene's row of the table
+    p = {k: parts[k][:dummy].view(-1, E).index_select(0, scene) for k in SEG_PARTS + ("bz", "valid")}
+    qax, qay = cx.unsqueeze(1) - p["ax"], cy.unsqueeze(1) - p["ay"]        # [N, E]
+    t = ((qax * p["abx"] + qay * p["aby"]) / p["den"]).clamp(0.0, 1.0)    # [N, E]
+    d2 = torch.sqrt((qax - p["abx"] * t) ** 2 + (qay - p["aby"] * t) ** 2)  # [N, E] exact 2D distance
+    zc = cz.unsqueeze(1)                                                  # [N, 1]
+    z = torch.maximum((zc - Z_STRETCH * p["az"]).abs(), (zc - Z_STRETCH * p["bz"]).abs())  # [N, E]
+    upper = torch.where(p["valid"], torch.sqrt(d2 * d2 + z * z), math.inf).amin(1)  # [N]
+    bound = upper + 2 * r                                                 # [N]
+    bound = bound + 1e-2 + 1e-4 * bound.abs()                             # float32 rounding margin
+    keep = p["valid"] & (d2 <= bound.unsqueeze(1))                        # [N, E]
+    slot = keep.cumsum(1) - 1                                             # [N, E] place in the list
+    C = max(int(slot[:, -1].max()) + 1 if keep.numel() else 0, width, 1)
+    # kept segments in table order, the rest written to a spill column C that is dropped
+    out = torch.full((n, C + 1), dummy, dtype=torch.long, device=cx.device)  # [N, C + 1]
+    e = scene.unsqueeze(1) * E + torch.arange(E, device=cx.device)        # [N, E] flat segment ids
+    out.scatter_(1, torch.where(keep, slot, C), e)
+    out = out[:, :C].contiguous()                                         # [N, C]
+    ok = out != dummy                                                     # [N, C]
+    return out, ok
+
+
+def pooled_box_edge_distance(pos, z, yaw, size, pool: dict, ids, parts: dict, has_edge):
+    """box_road_edge_distance of N boxes pos [N, 2], z/yaw [N], size [N, 3] from their candidate
+    lists (edge_candidates): pool the candidates' SEG_PARTS and "ok" [N, C] (gathered once per
+    refresh), ids [N, C] into parts, has_edge [N] (the scene has a valid edge) -> [N]."""
+    corners = _box_bottom_corners(pos, z, yaw, size)                      # [N, 4, 3]
+    q = corners.unsqueeze(-2)                                             # [N, 4, 1, 3]
+    p = {k: pool[k].unsqueeze(1) for k in SEG_PARTS}                      # [N, 1, C]
+    d = selection_sq_distance_parts(q[..., 0], q[..., 1], q[..., 2], p)   # [N, 4, C]
+    d = d.masked_fill_(~pool["ok"].unsqueeze(1), math.inf)                # [N, 4, C]
+    best = ids.gather(1, d.argmin(dim=-1))                                # [N, 4] first on ties
+    f = {k: _pick(parts[k], best) for k in EDGE_FIELDS}                   # [N, 4, ...]
+    val = _signed_value(corners, f)                                       # [N, 4]
+    return torch.where(has_edge.unsqueeze(1), val, -BIG).amax(dim=-1)
+
+
+# ==============================================================================================
 # 3.4 (and 3.5) when scoring: an exact nearest-segment search with pruning
 # ==============================================================================================
 def _segment_spheres(hull_a, hull_b, ok, chained, G: int):

@@ -161,8 +161,8 @@ def test_agent_done_at_its_goal_is_parked_and_earns_nothing_after_it():
 
 
 def test_offroad_with_pools_matches_full_metric_on_a_long_drive():
-    """The per-agent edge pool (refreshed every few steps) must give the same flags as all edges."""
-    cfg = EnvConfig(mode="bicycle", n_edge_pool=8, refresh_every=5)
+    """The per-agent edge candidates (rebuilt after each 1 m move) must give the same flags as all edges."""
+    cfg = EnvConfig(mode="bicycle", edge_margin=1.0, refresh_every=5)
     scene = straight_road_scene([(-90, -1.75, 20.0), (-60, 2.0, 15.0)])
     env = MultiAgentEnv(scene, cfg)
     env.reset()

@@ -197,6 +197,63 @@ def test_env_collisions_within_reach_equal_full_matrix():
         assert hits > 0 or scenes.B == 4
 
 
+def test_edge_candidates_give_the_whole_tables_distance_bit_for_bit():
+    """Boxes that move at most the margin from where their candidate lists were made get exactly
+    box_road_edge_distance against the whole table (same segment, same bits), with z varying and
+    on the WOMD scenes when present (real maps: sloped, stacked, degenerate segments)."""
+    sets = [make_toy_scenes(6, seed=3)]
+    if find_womd_examples() is not None:
+        sets.append(womd_or_skip())
+    g = torch.Generator().manual_seed(0)
+    for scenes in sets:
+        table = geometry.road_edge_table(scenes)
+        parts = geometry.edge_parts(table)
+        B, A, E = scenes.B, scenes.A, table["valid"].shape[1]
+        size = scenes.size.reshape(-1, 3)                                     # [B A, 3]
+        pos0 = scenes.pos[:, :, NOW].reshape(-1, 2) + torch.randn(B * A, 2, generator=g) * 3  # [B A, 2]
+        z0 = scenes.z[:, :, NOW].reshape(-1) + torch.randn(B * A, generator=g) * 0.5   # [B A]
+        margin = 2.0
+        r = 0.5 * size[:, :2].norm(dim=-1) + margin                           # [B A]
+        zs = geometry.Z_STRETCH * (z0 - 0.5 * size[:, 2])                     # [B A]
+        scene = torch.arange(B).repeat_interleave(A)                          # [B A]
+        ids, ok = geometry.edge_candidates(pos0[:, 0], pos0[:, 1], zs, r, parts, scene, E)  # [B A, C]
+        assert ids.shape[1] < E or E <= 8                                     # the lists do prune
+        pool = {k: parts[k][ids] for k in geometry.SEG_PARTS}                 # [B A, C]
+        pool["ok"] = ok
+        has_edge = table["valid"].any(1).repeat_interleave(A)                 # [B A]
+        for _ in range(5):
+            # a move of at most the margin in (x, y, stretched z) together
+            step = torch.randn(B * A, 3, generator=g)                         # [B A, 3]
+            step = step / step.norm(dim=-1, keepdim=True) * margin * torch.rand(B * A, 1, generator=g)
+            pos, z = pos0 + step[:, :2], z0 + step[:, 2] / geometry.Z_STRETCH  # [B A, 2], [B A]
+            yaw = torch.rand(B * A, generator=g) * 2 * math.pi                # [B A]
+            fast = geometry.pooled_box_edge_distance(pos, z, yaw, size, pool, ids, parts, has_edge)  # [B A]
+            full = geometry.box_road_edge_distance(pos.view(B, A, 2), z.view(B, A), yaw.view(B, A),
+                                                   scenes.size, table)        # [B, A]
+            assert torch.equal(fast, full.view(-1))
+
+
+def test_env_offroad_equals_whole_table_on_the_peer_workload_and_toy_scenes():
+    """The env's off-road flags (candidate lists rebuilt per agent after a move of edge_margin)
+    equal the whole road-edge table's at every step, on issue 15's intersection (1x and 10x
+    segments) and on toy scenes with replayed agents."""
+    from bench import peer_workload
+    for scenes, margin in ((peer_workload(6, 32, 1), 4.0), (peer_workload(6, 32, 10), 1.0),
+                           (make_toy_scenes(4, seed=5), 2.0)):
+        env = MultiAgentEnv(scenes, EnvConfig(mode="continuous", edge_margin=margin))
+        env.reset()
+        table = geometry.road_edge_table(scenes)
+        g = torch.Generator().manual_seed(1)
+        off = 0
+        for _ in range(40):
+            act = torch.rand(scenes.B, scenes.A, 2, generator=g) * torch.tensor([8.0, 0.8]) - torch.tensor([4.0, 0.4])
+            _, _, info = env.step(act)                                        # [B, A, 2] actions above
+            full = geometry.box_road_edge_distance(env.pos, env.z, env.yaw, scenes.size, table) > 0  # [B, A]
+            assert torch.equal(info["offroad"], full & env.active)
+            off += int(info["offroad"].sum())
+        assert off > 0
+
+
 # --------------------------------------------------------------------------------------------
 # The PPO policy's fast paths
 # --------------------------------------------------------------------------------------------

@@ -198,10 +198,10 @@ def bench_peer(device, worlds: int = 256, steps: int = 50, repeats: int = 5, see
                           -1)  # [n, W, A, 2]
 
         def run():
-            env.reset()
             saved = env.observe
-            if not observe:
+            if not observe:             # the events-only figures build no observation, the reset's neither
                 env.observe = lambda: None
+            env.reset()
             for t in range(steps):
                 env.step(act[t])
             env.observe = saved

@@ -257,7 +257,7 @@ def test_ctrl_c_then_resume_loses_at_most_the_epoch_in_flight(tmp_path, data_dir
         if "in flight" in line:
             break
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) != 0
+    assert proc.wait(timeout=180) != 0                     # generous: a loaded machine exits slowly
     out = runs / "reference"
     assert torch.load(out / "bc.pt", weights_only=True)["epoch"] == 1
     done = subprocess.run(child(False) + args + ["--resume"], capture_output=True, text=True, env=env,

@@ -265,7 +265,7 @@ PICTURED = ("CAT-K", "PPO", "HR-PPO", "SPACeR", "SFT-RFT-SFT")
 PICTURE_LABEL = {"CAT-K": "reference (CAT-K)", "SFT-RFT-SFT": "SMART-R1 (SFT-RFT-SFT)"}
 
 
-def reference_rollout(model, tok, top_k: int = 8, temperature: float = 1.0, batch_worlds: int = 256,
+def reference_rollout(model, tok, top_k: int = 5, temperature: float = 1.0, batch_worlds: int = 256,
                       generator=None):
     """A reference model (reference_model.rollout) as a rollout function for score_method."""
     def roll(s, R):

@@ -61,7 +61,7 @@ class ReferenceStageConfig:
     catk_top_k: int = 32          # closest among the top-k tokens
     # evaluation
     eval_R: int = 32              # rollouts per test scene (WOSAC uses 32)
-    eval_top_k: int = 8           # top-k sampling of the rollouts
+    eval_top_k: int = 5           # top-k sampling of the rollouts: SMART's K = 5 (CAT-K validates with it)
     eval_temperature: float = 1.0  # sampling temperature of the rollouts
     eval_worlds: int = 256        # rollout worlds (scenes x R) computed at once
     seed: int = 0                 # seeds initialisation, shuffling and rollout sampling

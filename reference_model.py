@@ -475,7 +475,7 @@ def catk_choice(tok: MotionTokenizer, logits, pose, target, target_ok, agent_typ
 
 
 @torch.no_grad()
-def closed_loop(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, top_k: int = 8,
+def closed_loop(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, top_k: int = 5,
                 temperature: float = 1.0, generator=None, catk: bool = False, return_logits: bool = False,
                 enc: dict | None = None, repeats: int = 1) -> dict:
     """Roll every controlled agent of `scenes` out from boundary n0 to the end, all at once.
@@ -541,7 +541,7 @@ def closed_loop(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, top
 
 
 @torch.no_grad()
-def rollout(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, R: int = 32, top_k: int = 8,
+def rollout(model: ReferenceModel, tok: MotionTokenizer, scenes: Scenes, R: int = 32, top_k: int = 5,
             temperature: float = 1.0, generator=None, batch_worlds: int = 512) -> dict:
     """R closed-loop rollouts of every scene, batched together (scenes.repeat(R)), in chunks of at
     most `batch_worlds` worlds. Returns traj [B, R, A, 80, 3] (x, y, yaw at steps 11..90),

@@ -548,15 +548,23 @@ def main(argv=None) -> int:
     except SystemExit as stop:             # argparse has printed the usage and what is wrong with which flag
         return stop.code
     args.device = D.setup(args.device)     # under torchrun: join the process group, this rank's device
+    wall = {}                              # seconds of wall time per stage (README: stage times)
     for stage in (ORDER if args.stage == "all" else (args.stage,)):
+        t0 = time.perf_counter()
         if stage == "spacer" and args.stage == "all":  # the table's three rows: two baselines and SPACeR
             for anchor in ("ppo", "hr-ppo", "spacer"):
+                t1 = time.perf_counter()
                 with finite_steps(f"spacer --anchor {anchor}"):
                     stage_spacer(argparse.Namespace(**{**vars(args), "anchor": anchor}))
+                wall[f"spacer --anchor {anchor}"] = time.perf_counter() - t1
         else:
             with finite_steps(stage):
                 STAGES[stage](args)
+            wall[stage] = time.perf_counter() - t0
         D.barrier()                        # the next stage reads what rank 0 wrote
+    if len(wall) > 1:
+        print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in wall.items())
+              + f"; total {sum(wall.values()) / 60:.1f} min")
     D.cleanup()
     return 0
 

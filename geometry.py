@@ -316,13 +316,22 @@ def selection_sq_distance_parts(qx, qy, qz, p: dict):
     return vx.mul_(vx).add_(vy.mul_(vy)).add_(vz.mul_(vz))
 
 
-def edge_candidates(cx, cy, cz, r, parts: dict, scene, E: int, width: int = 0):
+def edge_candidates(cx, cy, cz, r, parts: dict, scene, E: int, width: int = 0, chunk_elems: int = 1 << 22):
     """Candidate segments of boxes whose stretched bottom corners stay within r [N] of
     (cx, cy, cz) [N] (cz = Z_STRETCH * z): ids [N, C] into edge_parts (C >= width, in table
-    order, padded with the dummy B E) and ok [N, C]. scene [N] is each box's scene."""
+    order, padded with the dummy B E) and ok [N, C]. scene [N] is each box's scene. The [N, E]
+    search runs over row chunks of about chunk_elems elements: a real map has thousands of edge
+    segments, and 256 worlds x 128 agents of them at once took over 10 GB."""
     n, dummy = cx.shape[0], parts["valid"].shape[0] - 1
     if E == 0 or n == 0:
         out = torch.full((n, max(width, 1)), dummy, dtype=torch.long, device=cx.device)  # [N, C]
+        return out, out != dummy
+    rows = max(1, chunk_elems // E)
+    if n > rows:                                  # each row's list is independent of the others
+        outs = [edge_candidates(cx[i:i + rows], cy[i:i + rows], cz[i:i + rows], r[i:i + rows], parts,
+                                scene[i:i + rows], E, width)[0] for i in range(0, n, rows)]
+        C = max(o.shape[1] for o in outs)
+        out = torch.cat([torch.nn.functional.pad(o, (0, C - o.shape[1]), value=dummy) for o in outs])  # [N, C]
         return out, out != dummy
     # [N, E] per part: each box's scene's row of the table
     p = {k: parts[k][:dummy].view(-1, E).index_select(0, scene) for k in SEG_PARTS + ("bz", "valid")}

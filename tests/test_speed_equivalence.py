@@ -218,6 +218,9 @@ def test_edge_candidates_give_the_whole_tables_distance_bit_for_bit():
         scene = torch.arange(B).repeat_interleave(A)                          # [B A]
         ids, ok = geometry.edge_candidates(pos0[:, 0], pos0[:, 1], zs, r, parts, scene, E)  # [B A, C]
         assert ids.shape[1] < E or E <= 8                                     # the lists do prune
+        # the search in row chunks (bounded memory on real maps) returns the same lists
+        small = geometry.edge_candidates(pos0[:, 0], pos0[:, 1], zs, r, parts, scene, E, chunk_elems=3 * E)
+        assert torch.equal(small[0], ids) and torch.equal(small[1], ok)
         pool = {k: parts[k][ids] for k in geometry.SEG_PARTS}                 # [B A, C]
         pool["ok"] = ok
         has_edge = table["valid"].any(1).repeat_interleave(A)                 # [B A]

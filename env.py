@@ -261,7 +261,8 @@ class MultiAgentEnv:
         s, act = self.s, self.active
         self.collided = self._collisions()                                   # [B, A]
         at = self._edge_anchor()                                             # [B A, 3]
-        moved = ((at - self.edge_at) ** 2).sum(-1) > self.cfg.edge_margin ** 2  # [B A]
+        # [B A]; an agent absent at the start is never active (its list stays empty)
+        moved = (((at - self.edge_at) ** 2).sum(-1) > self.cfg.edge_margin ** 2) & self.sim.view(-1)
         rows = moved.nonzero().squeeze(1)                                    # [n] agents to refresh
         if rows.numel():
             self._refresh_edges(rows)
@@ -316,7 +317,7 @@ class MultiAgentEnv:
         if rows is None:
             self.edge_at = at                                                # [B A, 3]
             self.edge_ids, ok = edge_candidates(at[:, 0], at[:, 1], at[:, 2], self.edge_r, self.parts,
-                                                self.scene_of, E)            # [B A, C]
+                                                self.scene_of, E, present=self.sim.view(-1))  # [B A, C]
         else:
             at = at.index_select(0, rows)                                    # [n, 3]
             C = self.edge_ids.shape[1]

@@ -316,10 +316,13 @@ def selection_sq_distance_parts(qx, qy, qz, p: dict):
     return vx.mul_(vx).add_(vy.mul_(vy)).add_(vz.mul_(vz))
 
 
-def edge_candidates(cx, cy, cz, r, parts: dict, scene, E: int, width: int = 0, chunk_elems: int = 1 << 22):
+def edge_candidates(cx, cy, cz, r, parts: dict, scene, E: int, width: int = 0, chunk_elems: int = 1 << 22,
+                    present=None):
     """Candidate segments of boxes whose stretched bottom corners stay within r [N] of
     (cx, cy, cz) [N] (cz = Z_STRETCH * z): ids [N, C] into edge_parts (C >= width, in table
-    order, padded with the dummy B E) and ok [N, C]. scene [N] is each box's scene. The [N, E]
+    order, padded with the dummy B E) and ok [N, C]. scene [N] is each box's scene; present [N]
+    (optional) leaves absent boxes' lists empty: a padding slot sits at the origin, far from a
+    real map, and its list would hold most of the map and widen every list to it. The [N, E]
     search runs over row chunks of about chunk_elems elements: a real map has thousands of edge
     segments, and 256 worlds x 128 agents of them at once took over 10 GB."""
     n, dummy = cx.shape[0], parts["valid"].shape[0] - 1
@@ -329,7 +332,9 @@ def edge_candidates(cx, cy, cz, r, parts: dict, scene, E: int, width: int = 0, c
     rows = max(1, chunk_elems // E)
     if n > rows:                                  # each row's list is independent of the others
         outs = [edge_candidates(cx[i:i + rows], cy[i:i + rows], cz[i:i + rows], r[i:i + rows], parts,
-                                scene[i:i + rows], E, width)[0] for i in range(0, n, rows)]
+                                scene[i:i + rows], E, width,
+                                present=None if present is None else present[i:i + rows])[0]
+                for i in range(0, n, rows)]
         C = max(o.shape[1] for o in outs)
         out = torch.cat([torch.nn.functional.pad(o, (0, C - o.shape[1]), value=dummy) for o in outs])  # [N, C]
         return out, out != dummy
@@ -344,6 +349,8 @@ def edge_candidates(cx, cy, cz, r, parts: dict, scene, E: int, width: int = 0, c
     bound = upper + 2 * r                                                 # [N]
     bound = bound + 1e-2 + 1e-4 * bound.abs()                             # float32 rounding margin
     keep = p["valid"] & (d2 <= bound.unsqueeze(1))                        # [N, E]
+    if present is not None:
+        keep &= present.unsqueeze(1)
     slot = keep.cumsum(1) - 1                                             # [N, E] place in the list
     C = max(int(slot[:, -1].max()) + 1 if keep.numel() else 0, width, 1)
     # kept segments in table order, the rest written to a spill column C that is dropped
